@@ -1,0 +1,98 @@
+"""The memory-source interface: what every source of guest memory gives the rest of windump.
+
+A source reads guest *physical* memory and reports what it knows of the machine: its RAM ranges,
+the guest's published VMCOREINFO note and the vCPU registers. It knows nothing of address
+translation or dump writing; those live elsewhere and talk to any source through this class.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+
+from .errors import SourceError
+
+
+@dataclass
+class CpuState:
+    """One vCPU's registers as the source saw them.
+
+    ``registers`` maps lower-case names to integers: ``rax`` .. ``r15``, ``rip``, ``rflags``,
+    the selectors ``cs ds es fs gs ss``, ``fs_base gs_base kernel_gs_base``, ``cr0 cr2 cr3 cr4``,
+    and where the source has them ``dr0``-``dr7``, ``mxcsr``, ``xmm0``-``xmm15`` (128-bit), ``fctrl``
+    and friends. A source sets only what it really has.
+    """
+
+    index: int
+    registers: dict[str, int] = field(default_factory=dict)
+
+
+class FileExtent(NamedTuple):
+    """Guest bytes that lie as-is in a file, so the writer can copy them in the kernel."""
+
+    file: BinaryIO
+    offset: int
+    length: int
+
+
+class MemorySource(abc.ABC):
+    """Guest physical memory and machine state; use it as a context manager or call :meth:`close`."""
+
+    #: What the user named, for messages and the dump's Comment (e.g. ``"elf:guest.elf"``).
+    description: str = ""
+
+    @property
+    @abc.abstractmethod
+    def ram(self) -> np.ndarray:
+        """The guest RAM this source can read: an ``(N, 2)`` uint64 array of ``[start, end)``
+        physical byte ranges, sorted and not overlapping."""
+
+    @abc.abstractmethod
+    def readinto(self, address: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with guest physical memory from ``address``.
+
+        Raises SourceError when any byte of the range is not in :attr:`ram`.
+        """
+
+    def read(self, address: int, length: int) -> bytes:
+        """``length`` bytes of guest physical memory from ``address`` (SourceError outside RAM)."""
+        buffer = bytearray(length)
+        self.readinto(address, memoryview(buffer))
+        return bytes(buffer)
+
+    def file_extents(self, address: int, length: int) -> list[FileExtent] | None:
+        """Where the range lies verbatim in an open file, or None when it does not.
+
+        File-backed sources override this so the writer copies with ``copy_file_range``.
+        """
+        return None
+
+    def vmcoreinfo(self) -> bytes | None:
+        """The guest's published VMCOREINFO note (24-byte note header, then the dump header), or
+        None when the guest published none."""
+        return None
+
+    def cpus(self) -> list[CpuState]:
+        """Every vCPU's registers, in the hypervisor's CPU order; empty when the source has none."""
+        return []
+
+    def close(self) -> None:
+        """Release files, sockets and mappings; a live guest is left as it was found."""
+
+    def check_range(self, address: int, length: int) -> None:
+        """Raise SourceError unless ``[address, address + length)`` lies inside one RAM range."""
+        ram = self.ram
+        i = int(np.searchsorted(ram[:, 0], np.uint64(address), side="right")) - 1
+        if length < 0 or i < 0 or address + length > int(ram[i, 1]):
+            raise SourceError(
+                f"{self.description or 'source'}: physical range {address:#x}-{address + length:#x} is not in guest RAM"
+            )
+
+    def __enter__(self) -> MemorySource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
