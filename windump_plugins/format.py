@@ -189,7 +189,8 @@ def parse_header(data: bytes) -> tuple[HeaderFormat, np.ndarray]:
     fmt = header_format(data)
     if len(data) < fmt.size:
         raise FormatError(f"truncated {fmt.name} dump header: {len(data)} bytes, expected {fmt.size:#x}")
-    return fmt, np.frombuffer(data, dtype=fmt.dtype, count=1).copy().reshape(())
+    # From a bytearray, not .copy(): copying a structured array drops the bytes between its fields.
+    return fmt, np.frombuffer(bytearray(data[: fmt.size]), dtype=fmt.dtype).reshape(())
 
 
 def new_header(fmt: HeaderFormat = X64) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The memory sources windump ships with, each registered as a plugin like any third-party one."""
