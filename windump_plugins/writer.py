@@ -1,0 +1,247 @@
+"""The dump writer: streams a header and every page of its physical-memory runs into a private file
+that appears at its final name only once complete.
+
+Pages go out in large chunks through one reused buffer, or are copied by the kernel
+(``copy_file_range``, then ``sendfile``) when the source keeps them verbatim in a file, so memory use
+stays flat whatever the guest size. The file is written under a temporary name beside the target,
+synced, then renamed into place: an interrupted or failed write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+from collections.abc import Callable
+
+import numpy as np
+
+from .errors import SourceError, WindumpError
+from .format import PAGE_SHIFT, X64, X86, body_size
+from .source import FileExtent, MemorySource
+
+#: ``progress(done, total)`` in bytes, header included.
+ProgressCallback = Callable[[int, int], None]
+
+#: Bytes moved per read/write or kernel copy: large enough to amortise syscalls, small enough to
+#: keep the reused buffer cheap.
+CHUNK_SIZE = 32 << 20
+
+#: Bytes between two progress reports.
+PROGRESS_INTERVAL = 64 << 20
+
+#: Errors with which the kernel declines a zero-copy call for this pair of files (not an I/O failure).
+_COPY_REFUSED = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+#: Errors with which ``link`` says the file system has no hard links.
+_LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
+
+_RENAME_NOREPLACE = 1
+
+
+def write_dump(
+    output: str | os.PathLike,
+    header: bytes,
+    runs: np.ndarray,
+    source: MemorySource,
+    *,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> int:
+    """Write ``header`` then the pages of each ``[BasePage, PageCount]`` run of ``source`` to
+    ``output``; return the bytes written.
+
+    ``output`` is created mode 0600. An existing ``output`` is replaced only with ``force`` (a
+    symlink there is replaced, never followed). On any failure, Ctrl-C included, the temporary file
+    is removed and ``output`` is left as it was.
+    """
+    target = os.fspath(output)
+    if len(header) not in (X64.size, X86.size):
+        raise WindumpError(f"dump header is {len(header):#x} bytes, expected {X64.size:#x} or {X86.size:#x}")
+    runs = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
+    total = len(header) + body_size(runs)
+    directory, name = os.path.split(target)
+    if not name:
+        raise WindumpError(f"cannot write {target}: it names a directory, not a file")
+    if not force and os.path.lexists(target):
+        raise WindumpError(f"{target} exists (use --force to overwrite)")
+    try:
+        dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise WindumpError(f"cannot write {target}: {exc.strerror}") from exc
+    try:
+        temp_name, fd = _create_private(dir_fd, name, target)
+        try:
+            _DumpStream(fd, source, progress, total).write(header, runs)
+            size = os.fstat(fd).st_size
+            if size != total:
+                raise WindumpError(f"cannot write {target}: file is {size} bytes, expected {total}")
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            _install(dir_fd, temp_name, name, target, force)
+            os.fsync(dir_fd)
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            _remove(dir_fd, temp_name)
+            if isinstance(exc, OSError):
+                raise WindumpError(f"cannot write {target}: {exc.strerror or exc}") from exc
+            raise
+    finally:
+        os.close(dir_fd)
+    return total
+
+
+def _create_private(dir_fd: int, name: str, target: str) -> tuple[str, int]:
+    """Create ``.NAME.windump-XXXX.tmp`` beside the target, exclusively and mode 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(16):
+        temp_name = f".{name}.windump-{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(temp_name, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise WindumpError(f"cannot write {target}: {exc.strerror}") from exc
+        os.fchmod(fd, 0o600)  # the umask cannot widen 0600, but it can narrow it
+        return temp_name, fd
+    raise WindumpError(f"cannot write {target}: no free temporary name beside it")
+
+
+def _install(dir_fd: int, temp_name: str, name: str, target: str, force: bool) -> None:
+    """Give the complete temporary file its final name; without ``force``, never over a file that
+    appeared meanwhile."""
+    if force:
+        os.replace(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    try:
+        os.link(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        raise WindumpError(f"{target} exists (use --force to overwrite)") from None
+    except OSError as exc:
+        if exc.errno not in _LINK_UNSUPPORTED:
+            raise
+        _rename_noreplace(dir_fd, temp_name, name, target)
+    else:
+        os.unlink(temp_name, dir_fd=dir_fd)
+
+
+def _rename_noreplace(dir_fd: int, temp_name: str, name: str, target: str) -> None:
+    """``renameat2(RENAME_NOREPLACE)``, for file systems without hard links (vfat, exFAT)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(dir_fd, temp_name.encode(), dir_fd, name.encode(), _RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise WindumpError(f"{target} exists (use --force to overwrite)")
+    raise OSError(err, os.strerror(err))
+
+
+def _remove(dir_fd: int, temp_name: str) -> None:
+    try:
+        os.unlink(temp_name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+class _DumpStream:
+    """Appends guest pages to the open dump file, remembering which copy method the kernel allows."""
+
+    def __init__(self, fd: int, source: MemorySource, progress: ProgressCallback | None, total: int):
+        self.fd = fd
+        self.source = source
+        self.progress = progress
+        self.total = total
+        self.done = 0
+        self.reported = 0
+        self.buffer: memoryview | None = None
+        self.copy_file_range = True
+        self.sendfile = True
+
+    def write(self, header: bytes, runs: np.ndarray) -> None:
+        self._report(force=True)
+        self._write_all(memoryview(header))
+        self._advance(len(header))
+        for base_page, page_count in runs.tolist():
+            address, length = base_page << PAGE_SHIFT, page_count << PAGE_SHIFT
+            if length == 0:
+                continue
+            extents = self.source.file_extents(address, length)
+            if extents is None:
+                self._read_range(address, length)
+            else:
+                if sum(extent.length for extent in extents) != length:
+                    raise SourceError(f"{self._name()}: file extents do not cover {address:#x}-{address + length:#x}")
+                for extent in extents:
+                    self._copy_extent(extent)
+        self._report(force=True)
+
+    def _name(self) -> str:
+        return self.source.description or "source"
+
+    def _advance(self, count: int) -> None:
+        self.done += count
+        self._report()
+
+    def _report(self, force: bool = False) -> None:
+        if self.progress is not None and (force or self.done - self.reported >= PROGRESS_INTERVAL):
+            self.reported = self.done
+            self.progress(self.done, self.total)
+
+    def _chunk_buffer(self) -> memoryview:
+        if self.buffer is None:
+            self.buffer = memoryview(bytearray(min(CHUNK_SIZE, self.total)))
+        return self.buffer
+
+    def _write_all(self, data: memoryview) -> None:
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def _read_range(self, address: int, length: int) -> None:
+        buffer = self._chunk_buffer()
+        end = address + length
+        while address < end:
+            view = buffer[: min(len(buffer), end - address)]
+            self.source.readinto(address, view)
+            self._write_all(view)
+            address += len(view)
+            self._advance(len(view))
+
+    def _copy_extent(self, extent: FileExtent) -> None:
+        src_fd = extent.file.fileno()
+        offset, end = extent.offset, extent.offset + extent.length
+        while offset < end:
+            count = min(CHUNK_SIZE, end - offset)
+            copied = self._kernel_copy(src_fd, offset, count)
+            if copied is None:
+                copied = self._pread_copy(src_fd, offset, count)
+            if copied == 0:
+                raise SourceError(f"{self._name()}: file ends at {offset:#x}, before the guest memory it should hold")
+            offset += copied
+            self._advance(copied)
+
+    def _kernel_copy(self, src_fd: int, offset: int, count: int) -> int | None:
+        """Bytes the kernel copied, or None once it has refused both calls for these files."""
+        if self.copy_file_range:
+            try:
+                return os.copy_file_range(src_fd, self.fd, count, offset)
+            except OSError as exc:
+                if exc.errno not in _COPY_REFUSED:
+                    raise
+                self.copy_file_range = False
+        if self.sendfile:
+            try:
+                return os.sendfile(self.fd, src_fd, offset, count)
+            except OSError as exc:
+                if exc.errno not in _COPY_REFUSED:
+                    raise
+                self.sendfile = False
+        return None
+
+    def _pread_copy(self, src_fd: int, offset: int, count: int) -> int:
+        view = self._chunk_buffer()[:count]
+        got = os.preadv(src_fd, [view], offset)
+        self._write_all(view[:got])
+        return got
