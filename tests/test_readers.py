@@ -1,0 +1,200 @@
+"""Third-party readers judge our output: kdmp-parser and volatility3 open the dump ``windump save``
+writes from a QEMU-style ELF of the model guest and see the ELF's bytes (read with pyelftools) at
+every address that matters, through physical addresses and through the guest's page tables.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from elfmaker import write_qemu_elf
+from readers import PAGE_MASK, PAGE_SIZE, Result, elf_physical_read, kdmp_read, volatility_read
+from windump_plugins import guestmodel
+from windump_plugins.context import CONTEXT
+from windump_plugins.format import DUMP_TYPE_FULL, LIVE_SYSTEM_DUMP, PAGE_SHIFT
+from windump_plugins.guestmodel import CrashedGuest
+
+#: Variants of the model guest, each written, saved and read once.
+VARIANTS = {
+    "1cpu": {"cpus": 1},
+    "2cpus": {"cpus": 2},
+    "4cpus-encoded-kdbg": {"cpus": 4, "encoded_kdbg": True},
+    "bugcheck0": {"cpus": 2, "bugcheck_code": 0},
+}
+
+RANDOM_PAGES = 32
+SEED = 20240601
+
+READERS = ("kdmp", "volatility")
+
+
+@dataclass
+class Judged:
+    """One variant: the model, its ELF and dump, the addresses asked for and what each reader said."""
+
+    guest: CrashedGuest
+    elf: str
+    dump: str
+    physical: dict[int, str]  # page address -> what it is, for messages
+    virtual: dict[int, str]
+    results: dict[str, Result]
+
+
+def _physical_pages(guest: CrashedGuest) -> dict[int, str]:
+    """The pages both readers must serve: run ends, KDBG, KPRCBs, CONTEXTs and seeded random pages."""
+    pages: dict[int, str] = {}
+    runs = guest.windows_runs()
+    for i, (base, count) in enumerate(runs.tolist()):
+        pages[base << PAGE_SHIFT] = f"first page of run {i}"
+        pages[(base + count - 1) << PAGE_SHIFT] = f"last page of run {i}"
+    kdbg = guest.virtual_to_physical(guest.decoded_kdbg_address)
+    pages[kdbg & PAGE_MASK] = "KDBG"
+    pages[(kdbg + guestmodel.KDBG_SIZE - 1) & PAGE_MASK] = "KDBG end"
+    for i, (prcb, context) in enumerate(zip(guest.kprcb_addresses, guest.context_addresses)):
+        pages[guest.virtual_to_physical(prcb) & PAGE_MASK] = f"KPRCB {i}"
+        pages[guest.virtual_to_physical(context) & PAGE_MASK] = f"CONTEXT {i}"
+        pages[guest.virtual_to_physical(context + CONTEXT.itemsize - 1) & PAGE_MASK] = f"CONTEXT {i} end"
+    pfns = np.concatenate([np.arange(base, base + count, dtype=np.uint64) for base, count in runs.tolist()])
+    for pfn in np.random.default_rng(SEED).choice(pfns, RANDOM_PAGES, replace=False).tolist():
+        pages.setdefault(pfn << PAGE_SHIFT, f"random page {pfn:#x}")
+    return pages
+
+
+def _in_runs(guest: CrashedGuest, physical: int) -> bool:
+    return any(base <= physical >> PAGE_SHIFT < base + count for base, count in guest.windows_runs().tolist())
+
+
+def _large_page_address(guest: CrashedGuest, page_size: int) -> int:
+    """A virtual address inside a ``page_size`` mapping whose physical page the dump holds."""
+    for mapping in guest.mappings:
+        if mapping.page_size != page_size:
+            continue
+        for base, count in guest.windows_runs().tolist():
+            start = max(base << PAGE_SHIFT, mapping.physical)
+            if start < min((base + count) << PAGE_SHIFT, mapping.physical + mapping.size):
+                return mapping.virtual + start - mapping.physical + 0x123  # an offset within the page
+    raise AssertionError(f"the model maps no dumped memory with {page_size:#x}-byte pages")
+
+
+def _virtual_addresses(guest: CrashedGuest) -> dict[int, str]:
+    addresses = {guest.decoded_kdbg_address: "KDBG", guestmodel.KUSER_SHARED_DATA: "KUSER_SHARED_DATA"}
+    for i, prcb in enumerate(guest.kprcb_addresses):
+        addresses[prcb] = f"KPRCB {i}"
+    addresses[_large_page_address(guest, 2 << 20)] = "2 MiB page"
+    addresses[_large_page_address(guest, 1 << 30)] = "1 GiB page"
+    return addresses
+
+
+def _judge(variant: str, directory) -> Judged:
+    """Write the variant's ELF, save it with the CLI and ask both readers about it."""
+    guest = CrashedGuest(**VARIANTS[variant])
+    elf, dump = str(directory / "guest.elf"), str(directory / "guest.dmp")
+    write_qemu_elf(elf, guest)
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("WINDUMP_")}
+    environ["WINDUMP_PLUGINS"] = "elf"
+    saved = subprocess.run([sys.executable, "-m", "windump_plugins", "save", "--quiet", elf, dump],
+                           env=environ, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert saved.returncode == 0, saved.stderr
+    physical, virtual = _physical_pages(guest), _virtual_addresses(guest)
+    results = {
+        "kdmp": kdmp_read(dump, list(physical), list(virtual)),
+        "volatility": volatility_read(dump, list(physical), list(virtual)),
+    }
+    return Judged(guest, elf, dump, physical, virtual, results)
+
+
+@pytest.fixture(scope="module")
+def judgements(tmp_path_factory) -> dict[str, Judged]:
+    """Every variant judged once; the variants run side by side, their readers being subprocesses."""
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+        futures = {variant: pool.submit(_judge, variant, tmp_path_factory.mktemp(variant)) for variant in VARIANTS}
+        return {variant: future.result() for variant, future in futures.items()}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def judged(request, judgements) -> Judged:
+    return judgements[request.param]
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_reader_opens_the_dump(judged, reader):
+    result = judged.results[reader]
+    assert result.parsed, result.reason
+    assert result.dump_type == DUMP_TYPE_FULL
+    assert result.directory_table_base == judged.guest.directory_table_base
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_reader_sees_the_elf_bytes_at_physical_pages(judged, reader):
+    result = judged.results[reader]
+    assert result.parsed, result.reason
+    wrong = []
+    for page, what in judged.physical.items():
+        data = result.physical.get(page)
+        if data is None:
+            wrong.append(f"{what} ({page:#x}): {reader} has no such page ({result.errors.get(page, 'no reason')})")
+        elif data != elf_physical_read(judged.elf, page, PAGE_SIZE):
+            wrong.append(f"{what} ({page:#x}): {reader} reads other bytes than the ELF holds")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_reader_translates_as_the_guest_page_tables(judged, reader):
+    result = judged.results[reader]
+    assert result.parsed, result.reason
+    wrong = []
+    for va, what in judged.virtual.items():
+        expected = judged.guest.virtual_to_physical(va)
+        assert _in_runs(judged.guest, expected), f"{what} ({va:#x}) is not in the dump: choose another address"
+        translated = result.translations.get(va)
+        if translated != expected:
+            shown = "nothing" if translated is None else f"{translated:#x}"
+            wrong.append(f"{what} ({va:#x}): {reader} translates to {shown}, the page tables to {expected:#x}"
+                         f" {result.errors.get(va, '')}")
+        elif result.virtual.get(va) != elf_physical_read(judged.elf, expected & PAGE_MASK, PAGE_SIZE):
+            wrong.append(f"{what} ({va:#x}): {reader} reads other bytes there than the ELF holds")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_reader_sees_the_bug_check(judged, reader):
+    """The bug-check code and parameters the guest recorded in KiBugcheckData, 0x161 for no code."""
+    result = judged.results[reader]
+    assert result.parsed, result.reason
+    guest = judged.guest
+    recorded = np.frombuffer(guest.read(guest.virtual_to_physical(guest.ki_bugcheck_data), 40), dtype="<u8").tolist()
+    assert result.bugcheck == [recorded[0] or LIVE_SYSTEM_DUMP, *recorded[1:]]
+
+
+def test_kdmp_context_is_the_header_context(judged):
+    """kdmp-parser takes its CONTEXT from the header's ContextRecord, which windump keeps as the
+    guest's driver wrote it."""
+    result = judged.results["kdmp"]
+    assert result.parsed, result.reason
+    record = judged.guest.header["ContextRecord"].tobytes()[: CONTEXT.itemsize]
+    context = np.frombuffer(record, dtype=CONTEXT)[0]
+    assert result.context == {"Rip": int(context["Rip"]), "Rsp": int(context["Rsp"]), "MxCsr": int(context["MxCsr"])}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_judges_notice_a_damaged_dump(judgements, reader, tmp_path):
+    """A changed byte and a truncated tail do not get past the comparison with the ELF (and a
+    truncated file does not take the test run down, whatever the reader does with it)."""
+    judged = judgements["1cpu"]
+    runs = judged.guest.windows_runs().tolist()
+    changed, lost = runs[0][0] << PAGE_SHIFT, (runs[-1][0] + runs[-1][1] - 1) << PAGE_SHIFT
+    damaged = tmp_path / "damaged.dmp"
+    with open(judged.dump, "rb") as original, open(damaged, "wb") as copy:
+        data = bytearray(original.read())
+        data[0x2000 + 0x10] ^= 0xFF  # a byte of the first run's first page
+        copy.write(data[:-PAGE_SIZE])  # without the last run's last page
+    result = {"kdmp": kdmp_read, "volatility": volatility_read}[reader](damaged, [changed, lost])
+    for page in (changed, lost):
+        assert not result.parsed or result.physical.get(page) != elf_physical_read(judged.elf, page, PAGE_SIZE)
