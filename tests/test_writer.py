@@ -333,3 +333,35 @@ def test_output_naming_a_directory(tmp_path):
     with pytest.raises(WindumpError, match=rf"^cannot write {tmp_path}/out.dmp: Is a directory$"):
         write_dump(tmp_path / "out.dmp", dump_header(), RUNS, MemoryGuest(), force=True)
     assert os.listdir(tmp_path) == ["out.dmp"]
+
+
+class PausingGuest(MemoryGuest):
+    """Records whether reads happen after ``reading_done``, as a live source resuming its guest."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.fail_at = fail_at
+        self.resumed = False
+        self.read_after_resume = False
+
+    def readinto(self, address: int, buffer: memoryview) -> None:
+        self.read_after_resume |= self.resumed
+        if self.fail_at is not None and address + len(buffer) > self.fail_at:
+            raise SourceError("memory-guest: the guest went away")
+        super().readinto(address, buffer)
+
+    def reading_done(self) -> None:
+        self.resumed = True
+
+
+def test_reading_done_follows_the_last_read(tmp_path, small_chunks):
+    guest = PausingGuest()
+    write_dump(tmp_path / "out.dmp", dump_header(), RUNS, guest)
+    assert guest.resumed and not guest.read_after_resume
+
+
+def test_reading_done_is_not_announced_when_reading_fails(tmp_path, small_chunks):
+    guest = PausingGuest(fail_at=0x200000)
+    with pytest.raises(SourceError):
+        write_dump(tmp_path / "out.dmp", dump_header(), RUNS, guest)
+    assert not guest.resumed

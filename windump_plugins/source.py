@@ -79,6 +79,13 @@ class MemorySource(abc.ABC):
         """Every vCPU's registers, in the hypervisor's CPU order; empty when the source has none."""
         return []
 
+    def reading_done(self) -> None:
+        """Called once every byte the dump needs has been read, before the output is synced.
+
+        Live sources resume a guest they paused here, so the pause lasts no longer than the reads;
+        :meth:`close` must still resume it when this was never called (an error midway).
+        """
+
     def close(self) -> None:
         """Release files, sockets and mappings; a live guest is left as it was found."""
 

@@ -74,6 +74,7 @@ def write_dump(
         temp_name, fd = _create_private(dir_fd, name, target)
         try:
             _DumpStream(fd, source, progress, total).write(header, runs)
+            source.reading_done()
             size = os.fstat(fd).st_size
             if size != total:
                 raise WindumpError(f"cannot write {target}: file is {size} bytes, expected {total}")
