@@ -1,0 +1,26 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def run_windump(tmp_path):
+    """Run ``python -m windump_plugins ARGS`` in ``tmp_path`` with only the built-in plugins, as a
+    user would run ``windump``; returns the CompletedProcess (text mode)."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        environ = {key: value for key, value in os.environ.items() if not key.startswith("WINDUMP_")}
+        environ["WINDUMP_PLUGINS"] = "elf,sample"
+        environ.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "windump_plugins", *args],
+            cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+
+    return run

@@ -1,0 +1,237 @@
+"""The ``windump`` command line end to end: a sample guest to a verified dump, and every bad input
+answered with one ``windump: error:`` line, exit status 1 and no file left behind."""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from windump_plugins import cli
+from windump_plugins.errors import SourceError
+from windump_plugins.hookspecs import SourceKind, hookimpl
+from windump_plugins.plugins import Plugins
+from windump_plugins.progress import progress_bar
+
+ERROR_LINE = re.compile(r"^windump: error: \S.*\n\Z")
+
+
+def assert_clean_failure(result, directory, before: set[str]) -> None:
+    """Exit status 1, exactly one error line and no traceback, and no file added to ``directory``."""
+    assert result.returncode == 1, result
+    assert ERROR_LINE.match(result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert {path.name for path in directory.iterdir()} == before
+
+
+def test_sample_to_verified_dump(run_windump, tmp_path):
+    saved = run_windump("save", "sample:", "sample.dmp")
+    assert saved.returncode == 0, saved.stderr
+    assert saved.stderr == ""  # not a terminal: no progress bar
+    size = (tmp_path / "sample.dmp").stat().st_size
+    assert re.fullmatch(r"wrote sample\.dmp: \S+ \S+, \d+ runs, \d+ pages, \d+\.\d s, \d+ MB/s\n", saved.stdout)
+    pages = int(re.search(r"(\d+) pages", saved.stdout).group(1))
+    assert size == 0x2000 + pages * 0x1000
+    verified = run_windump("verify", "sample.dmp")
+    assert (verified.returncode, verified.stdout, verified.stderr) == (0, "sample.dmp: ok\n", "")
+    info = run_windump("info", "sample.dmp")
+    assert info.returncode == 0, info.stderr
+    assert "PAGEDU64" in info.stdout
+    assert f"{pages} pages" in info.stdout
+    assert f"{size} bytes" in info.stdout
+
+
+def test_quiet_save_prints_nothing(run_windump, tmp_path):
+    result = run_windump("save", "-q", "sample:", "quiet.dmp")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert (tmp_path / "quiet.dmp").stat().st_size > 0x2000
+
+
+def test_force_replaces_existing_output(run_windump, tmp_path):
+    (tmp_path / "out.dmp").write_bytes(b"old")
+    result = run_windump("save", "-q", "--force", "sample:", "out.dmp")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.dmp").read_bytes()[:8] == b"PAGEDU64"
+
+
+def test_verify_reports_each_problem_and_fails(run_windump, tmp_path):
+    assert run_windump("save", "-q", "sample:", "cut.dmp").returncode == 0
+    dump = tmp_path / "cut.dmp"
+    dump.write_bytes(dump.read_bytes()[:-0x1000])
+    result = run_windump("verify", "cut.dmp")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith("cut.dmp: ") and line != "cut.dmp: ok" for line in lines)
+
+
+def test_plugins_lists_builtin_sources_with_versions(run_windump):
+    result = run_windump("plugins")
+    assert result.returncode == 0, result.stderr
+    expected = version("windump")
+    for name in ("elf", "sample"):
+        assert re.search(rf"^{name}  windump {re.escape(expected)}  windump_plugins\.sources\.{name}$", result.stdout, re.M)
+    assert re.search(r"^    sample:", result.stdout, re.M)
+
+
+def test_save_help_lists_source_kinds_from_plugins(run_windump):
+    result = run_windump("save", "--help")
+    assert result.returncode == 0
+    sources = result.stdout.split("sources:\n", 1)[1].split("\n\n", 1)[0]
+    assert re.search(r"^  sample:", sources, re.M)
+
+
+@pytest.mark.parametrize("case", ["empty", "not-elf", "directory", "missing"])
+def test_bad_source_is_one_error_line(run_windump, tmp_path, case):
+    (tmp_path / "empty.elf").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a dump\n")
+    (tmp_path / "folder").mkdir()
+    source = {"empty": "empty.elf", "not-elf": "notes.txt", "directory": "folder", "missing": "missing.elf"}[case]
+    before = {path.name for path in tmp_path.iterdir()}
+    result = run_windump("save", source, "out.dmp")
+    assert_clean_failure(result, tmp_path, before)
+    assert source in result.stderr
+
+
+def test_existing_output_is_kept_without_force(run_windump, tmp_path):
+    (tmp_path / "out.dmp").write_bytes(b"keep me")
+    result = run_windump("save", "sample:", "out.dmp")
+    assert_clean_failure(result, tmp_path, {"out.dmp"})
+    assert "--force" in result.stderr
+    assert (tmp_path / "out.dmp").read_bytes() == b"keep me"
+
+
+def test_missing_output_directory(run_windump, tmp_path):
+    result = run_windump("save", "sample:", "no/such/dir/out.dmp")
+    assert_clean_failure(result, tmp_path, set())
+    assert "no/such/dir/out.dmp" in result.stderr
+
+
+def test_unknown_scheme_lists_known_sources(run_windump, tmp_path):
+    result = run_windump("save", "nosuch:thing", "out.dmp")
+    assert_clean_failure(result, tmp_path, set())
+    assert "sample:" in result.stderr
+
+
+def test_debug_shows_the_traceback(run_windump, tmp_path):
+    result = run_windump("--debug", "save", "missing.elf", "out.dmp")
+    assert result.returncode == 1
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert result.stderr.endswith("windump: error: missing.elf: No such file or directory\n")
+
+
+def test_usage_errors_exit_2(run_windump):
+    assert run_windump("save", "only-one-argument").returncode == 2
+    assert run_windump().returncode == 2
+    assert run_windump("frobnicate").returncode == 2
+
+
+def test_version(run_windump):
+    result = run_windump("--version")
+    assert (result.returncode, result.stdout) == (0, f"windump {version('windump')}\n")
+
+
+def test_broken_plugin_warns_and_the_rest_work(run_windump, tmp_path):
+    site = tmp_path / "site"
+    (site / "brokenplug-0.3.dist-info").mkdir(parents=True)
+    (site / "brokenplug-0.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.3\n")
+    (site / "brokenplug-0.3.dist-info" / "entry_points.txt").write_text("[windump]\nbroken = windump_test_absent_module\n")
+    result = run_windump("plugins", env={"PYTHONPATH": str(site), "WINDUMP_PLUGINS": "elf,sample,broken"})
+    assert result.returncode == 0
+    assert result.stderr == (
+        "windump: warning: plugin broken (brokenplug 0.3) failed to load: "
+        "ModuleNotFoundError: No module named 'windump_test_absent_module'\n"
+    )
+    assert re.search(r"^sample  ", result.stdout, re.M)
+
+
+class Interrupting:
+    @hookimpl
+    def windump_open_location(self, location):
+        if location == "ctrl-c:":
+            raise KeyboardInterrupt
+        if location == "bug:":
+            raise RuntimeError("the plugin broke")
+        if location == "warn:":
+            warnings.warn("the guest looks odd", UserWarning)
+            raise SourceError("warn: cannot go on")
+        return None
+
+    @hookimpl
+    def windump_source_kinds(self):
+        return [SourceKind("ctrl-c:", "interrupts"), SourceKind("bug:", "raises RuntimeError")]
+
+
+@pytest.fixture
+def inline_cli(monkeypatch):
+    """``cli.main`` with one in-process plugin instead of the installed ones."""
+    plugins = Plugins()
+    plugins.register(Interrupting(), "interrupting")
+    monkeypatch.setattr(cli, "load_plugins", lambda: plugins)
+    try:
+        yield cli.main
+    finally:
+        plugins.unregister("interrupting")
+
+
+def test_ctrl_c_exits_130(inline_cli, capsys, tmp_path):
+    assert inline_cli(["save", "ctrl-c:", str(tmp_path / "out.dmp")]) == 130
+    assert capsys.readouterr().err == "windump: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plugin_bug_is_one_line_naming_the_plugin(inline_cli, capsys, tmp_path):
+    assert inline_cli(["save", "bug:", str(tmp_path / "out.dmp")]) == 1
+    assert capsys.readouterr().err == "windump: error: plugin interrupting failed: RuntimeError: the plugin broke\n"
+
+
+def test_warnings_are_one_line_each(inline_cli, capsys, tmp_path):
+    assert inline_cli(["save", "warn:", str(tmp_path / "out.dmp")]) == 1
+    assert capsys.readouterr().err == "windump: warning: the guest looks odd\nwindump: error: warn: cannot go on\n"
+
+
+def test_help_lists_inline_plugin_kinds(inline_cli, capsys):
+    with pytest.raises(SystemExit) as exited:
+        inline_cli(["save", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  ctrl-c: +interrupts$", out, re.M)
+    assert re.search(r"^  bug: +raises RuntimeError$", out, re.M)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    with progress_bar("x", stream=io.StringIO()) as progress:
+        assert progress is None
+    with progress_bar("x", enabled=False, stream=Terminal()) as progress:
+        assert progress is None
+    terminal = Terminal()
+    with progress_bar("guest.dmp", stream=terminal) as progress:
+        progress(0, 3 << 20)
+        progress(3 << 20, 3 << 20)
+    shown = terminal.getvalue()
+    assert "guest.dmp" in shown
+    assert "3.00M/3.00M" in shown
+
+
+def test_readme_quickstart_is_one_line_each_and_ci_runs_the_tests_line():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    lines = {}
+    for name in ("sample", "tests"):
+        block = re.search(rf"^<!-- quickstart:{name} -->\n```sh\n(.*?)```\n<!-- /quickstart:{name} -->$", readme, re.M | re.S)
+        assert block, name
+        assert block.group(1).count("\n") == 1, block.group(1)
+        lines[name] = block.group(1).strip()
+    assert "windump save sample: sample.dmp" in lines["sample"]
+    assert lines["tests"] == "bash scripts/test.sh"
+    assert (root / "scripts" / "test.sh").exists()
+    assert "quickstart tests" in (root / ".ci" / "run").read_text()
