@@ -60,4 +60,8 @@ def windump_open_file(path: str, head: bytes) -> MemorySource | None:
 
 @hookspec
 def windump_source_kinds() -> list[SourceKind]:
-    """The sources this plugin opens, for ``windump save --help`` and ``windump plugins``."""
+    """The sources this plugin opens, for ``windump save --help`` and ``windump plugins``.
+
+    Every plugin is asked and all the lists are shown, in call order; return an empty list (or
+    None) when you open nothing the user names. Called whenever help is shown, so do no I/O here.
+    """
