@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib.metadata import entry_points
 
 import pytest
+
+#: The plugins windump itself ships: tests run with these alone, whatever else is installed.
+BUILT_IN_PLUGINS = ",".join(
+    sorted(ep.name for ep in entry_points(group="windump") if ep.value.startswith("windump_plugins."))
+)
 
 
 @pytest.fixture
@@ -16,7 +22,7 @@ def run_windump(tmp_path):
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         environ = {key: value for key, value in os.environ.items() if not key.startswith("WINDUMP_")}
-        environ["WINDUMP_PLUGINS"] = "elf,sample"
+        environ["WINDUMP_PLUGINS"] = BUILT_IN_PLUGINS
         environ.update(env or {})
         return subprocess.run(
             [sys.executable, "-m", "windump_plugins", *args],

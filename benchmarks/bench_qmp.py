@@ -1,0 +1,126 @@
+"""Benchmark: ``windump save qmp:`` of a live QEMU guest against QEMU's own ``dump-guest-memory -w``
+on the same guest, in time and in how long each keeps the guest paused.
+
+Boots the test guest of ``drivers/`` (``--size`` RAM, 4 GiB by default: 1 GiB of it above 4 GiB)
+under QEMU with its RAM in a shared ``memory-backend-file`` under /dev/shm, lets it run, then for
+each memory path of the qmp source (``shm``, ``procmem``, ``stream``) and for QEMU's ``-w`` writes
+the dump into the same directory, each followed by ``sync`` inside its timing. windump's pause ends
+when guest RAM has been read; QEMU's lasts its whole dump. Prints a table and JSON.
+
+    python benchmarks/bench_qmp.py                 # 4 GiB guest
+    python benchmarks/bench_qmp.py --size 256M --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "qemu"))
+
+from qemu_guest import Machine, QemuGuest, build_guest, missing_tools, parse_ram  # noqa: E402
+
+from windump_plugins.guestmodel import CrashedGuest  # noqa: E402
+from windump_plugins.save import save  # noqa: E402
+from windump_plugins.sources.qmp import MEMORY_PATHS, QmpSource  # noqa: E402
+
+
+def synced(action) -> float:
+    """Seconds for ``action()`` and the ``sync`` after it."""
+    started = time.perf_counter()
+    action()
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - started
+
+
+def idle_ram(machine: Machine, workdir: Path):
+    probe = QemuGuest(Machine(machine.machine, machine.memory, 1), workdir / "probe")
+    try:
+        probe.start()
+        return parse_ram(probe.hmp("info mtree -f"))
+    finally:
+        probe.kill()
+
+
+def run(memory: str, directory: Path, paths: list[str]) -> dict:
+    machine = Machine("pc", memory, 2)
+    kernel = build_guest(directory / "build")
+    model = CrashedGuest(ram=idle_ram(machine, directory), cpus=machine.cpus)
+    qemu = QemuGuest(machine, directory / "guest", kernel, model.image)
+    mem_path = f"/dev/shm/windump-bench-{os.getpid()}"
+    qemu.command += ["-object", f"memory-backend-file,id=ram,size={memory},mem-path={mem_path},share=on",
+                     "-machine", "memory-backend=ram"]
+    figures: dict = {"guest_ram_bytes": machine.size, "windump": {}}
+    try:
+        print(f"booting a {memory} guest...", file=sys.stderr)
+        qemu.boot()
+        qemu.wait_halted()
+        output = directory / "guest.dmp"
+        for path in paths:
+            qemu.execute("cont")
+            qemu.qmp.close()
+            qemu.qmp = None
+            source = QmpSource(str(qemu.qmp_path), memory=path, timeout=60)
+            try:
+                seconds = synced(lambda: save(source, output))
+            finally:
+                source.close()
+                qemu._connect_qmp()
+            figures["windump"][path] = {"seconds": seconds, "paused_seconds": source.paused_seconds,
+                                        "dump_bytes": output.stat().st_size,
+                                        "mb_per_second": output.stat().st_size / seconds / 1e6}
+            output.unlink()
+        qemu.execute("cont")
+        started = time.perf_counter()
+        seconds = synced(lambda: qemu.dump(output))  # QEMU pauses the guest for its whole dump
+        figures["qemu_w"] = {"seconds": seconds, "paused_seconds": qemu.last_dump_seconds,
+                             "dump_bytes": output.stat().st_size,
+                             "mb_per_second": output.stat().st_size / (time.perf_counter() - started) / 1e6}
+        output.unlink()
+    finally:
+        qemu.kill()
+        Path(mem_path).unlink(missing_ok=True)
+    return figures
+
+
+def table(figures: dict) -> str:
+    rows = [("guest RAM", f"{figures['guest_ram_bytes'] / (1 << 30):.2f} GiB")]
+    for name, result in [*((f"windump qmp ({p})", r) for p, r in figures["windump"].items()),
+                         ("QEMU dump-guest-memory -w", figures["qemu_w"])]:
+        rows.append((name, f"{result['seconds']:.2f} s incl. sync ({result['mb_per_second']:.0f} MB/s), "
+                           f"guest paused {result['paused_seconds']:.2f} s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="4G", help="guest RAM as QEMU's -m takes it, M or G suffix (default 4G)")
+    parser.add_argument("--paths", default=",".join(MEMORY_PATHS), help="memory paths to time (default: all)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
+    parser.add_argument("--dir", type=Path, help="where the dumps go (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if missing_tools():
+        raise SystemExit(f"bench_qmp: needs {', '.join(missing_tools())}")
+    directory = Path(tempfile.mkdtemp(prefix="windump-bench-qmp-", dir=args.dir))
+    try:
+        figures = run(args.size, directory, args.paths.split(","))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(table(figures))
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,766 @@
+"""The ``qmp:`` source: a live QEMU guest on this host, read through its QMP monitor and paused only
+while its RAM is read.
+
+Opening the source stops a running VM (``query-status``, ``stop``); :meth:`QmpSource.reading_done`
+or :meth:`QmpSource.close` (on errors and Ctrl-C too) resumes it with ``cont``, and only if it was
+running. The guest's VMCOREINFO note and every vCPU's registers come from a one-page
+``dump-guest-memory`` ELF that QEMU writes into a memfd passed with ``getfd``.
+
+Guest RAM is read by the first of these that works (``?memory=`` forces one):
+
+1. ``shm``: RAM backends ``memory-backend-file`` with ``share=on`` (found with ``qom-list`` and
+   ``qom-get`` under /objects) are mapped read-only from their ``mem-path``; ``info mtree -f`` says
+   which backend offset each guest-physical range is. Other RAM blocks go through path 2.
+2. ``procmem``: ``/proc/PID/mem`` of QEMU (PID from SO_PEERCRED) at the host addresses ``gpa2hva``
+   names.
+3. ``stream``: QEMU's own ELF dump (``paging=false``, ``format=elf``, detached) read front to back
+   from a pipe passed with ``getfd``; PT_LOADs come in physical order, as the dump's runs are read,
+   so nothing touches the disk. Reads the dump needs *before* its body (KDBG, bug-check data, page
+   tables: any read of at most one page while the stream has not started) are answered by one-page
+   ``begin``/``length`` ELFs, and cached; ``query-dump`` reports QEMU's progress.
+
+``qmp://HOST:PORT`` (TCP) works for a QEMU on this host (found through ``/proc/net/tcp``): file
+descriptors cannot cross TCP, so QEMU writes the note ELF and the stream into a FIFO in a private
+directory (``file:`` protocol) instead, and paths 1 and 2 work as over a unix socket. For a QEMU on
+another host nothing works: its files, memory and FIFOs live on its host and QMP carries no bulk
+data, so the source refuses it (run windump on QEMU's host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import mmap
+import os
+import re
+import shutil
+import socket
+import struct
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ..errors import FormatError, SourceError
+from ..format import PAGE_SIZE
+from ..hookspecs import SourceKind, hookimpl
+from ..procmem import ProcessMemory, peer_pid
+from ..source import CpuState, FileExtent, MemorySource
+from .elf import ELF_CLASSES, ELFMAG, EI_CLASS, PN_XNUM, PT_LOAD, ElfSource
+
+SCHEME = "qmp"
+
+#: How guest RAM may be read, fastest first (module docstring).
+MEMORY_PATHS = ("shm", "procmem", "stream")
+
+_OPTIONS = ("memory", "timeout")
+
+#: Bytes of QEMU's greeting we wait for before handing the socket to the QMP client.
+GREETING_PREFIX = b'{"QMP"'
+
+#: Pipe capacity asked for (the unprivileged maximum by default): fewer wake-ups while streaming.
+PIPE_SIZE = 1 << 20
+
+#: Stream bytes between two ``query-dump`` progress polls.
+PROGRESS_INTERVAL = 256 << 20
+
+#: Seconds to wait for QEMU to finish a dump once its stream was read or abandoned.
+DUMP_END_TIMEOUT = 60.0
+
+NO_DEVICE_MESSAGE = (
+    "QEMU has no vmcoreinfo device, so the guest cannot publish its dump header: add `-device vmcoreinfo` "
+    "to the QEMU command line and run the fwcfg driver in the guest"
+)
+NO_NOTE_MESSAGE = (
+    "the guest published no VMCOREINFO note: is the fwcfg driver (virtio-win fwcfg64) installed and "
+    "running in the guest? QEMU has the vmcoreinfo device"
+)
+
+_FLATVIEW_ENTRY = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]+))?", re.M)
+_HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")
+
+
+class RamRegion(NamedTuple):
+    """A guest-physical RAM range of ``info mtree -f``: ``offset`` bytes into RAM block ``block``."""
+
+    start: int
+    end: int
+    block: str
+    offset: int
+
+
+def parse_ram_map(text: str) -> list[RamRegion]:
+    """The RAM ranges of address space "memory" in HMP ``info mtree -f``, sorted, ``end`` exclusive
+    (ROM, ROM devices and I/O left out: reading MMIO has side effects)."""
+    for view in re.split(r"^FlatView #\d+\n", text, flags=re.M):
+        if re.search(r'^ AS "memory",', view, flags=re.M):
+            return [RamRegion(int(start, 16), int(last, 16) + 1, block, int(offset or "0", 16))
+                    for start, last, block, offset in _FLATVIEW_ENTRY.findall(view)]
+    raise SourceError('"info mtree -f" shows no flat view of address space "memory"')
+
+
+def parse_location(location: str) -> dict | None:
+    """Keyword arguments of :class:`QmpSource` for ``qmp:PATH`` or ``qmp://HOST:PORT`` (each with
+    ``?memory=shm|procmem|stream&timeout=SECONDS``); None for other schemes."""
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme != SCHEME:
+        return None
+    usage = f"{location}: expected qmp:PATH (unix socket) or qmp://HOST:PORT"
+    if parts.netloc:
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            host = port = None
+        if not host or port is None or parts.path not in ("", "/"):
+            raise SourceError(usage)
+        address: str | tuple[str, int] = (host, port)
+    elif parts.path:
+        address = parts.path
+    else:
+        raise SourceError(usage)
+    options = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise SourceError(f"{location}: unknown option {unknown[0]!r}; known: {', '.join(_OPTIONS)}")
+    memory = options.get("memory")
+    if memory is not None and memory not in MEMORY_PATHS:
+        raise SourceError(f"{location}: memory={memory!r} is none of {', '.join(MEMORY_PATHS)}")
+    try:
+        timeout = float(options.get("timeout", 10.0))
+    except ValueError as error:
+        raise SourceError(f"{location}: bad option value: {error}") from None
+    return {"address": address, "memory": memory, "timeout": timeout}
+
+
+class QmpSource(MemorySource):
+    """Guest physical memory, VMCOREINFO note and vCPU registers of a QEMU reached through QMP.
+
+    ``memory_path`` says how RAM is read (``shm``, ``procmem`` or ``stream``) and ``path_problems``
+    why each faster path was passed over. ``paused_seconds`` is how long windump kept the guest
+    paused (0 when it found the VM paused); ``qemu_progress`` the last ``query-dump``
+    ``(completed, total)`` of a streamed dump.
+    """
+
+    def __init__(self, address: str | tuple[str, int], *, memory: str | None = None, timeout: float = 10.0,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.address = address
+        self.description = f"qmp:{address}" if isinstance(address, str) else f"qmp://{address[0]}:{address[1]}"
+        self.timeout = timeout
+        self.progress = progress
+        self.memory_path: str | None = None
+        self.path_problems: dict[str, str] = {}
+        self.qemu_pid: int | None = None
+        self.was_running = False
+        self.qemu_progress: tuple[int, int] | None = None
+        self._paused_at: float | None = None
+        self._paused_for = 0.0
+        self._fd_names = itertools.count()
+        self._fifo_dir: str | None = None
+        self._stream: ElfStream | None = None
+        self._readers: list[Callable[[int, memoryview], None]] | None = None
+        #: Per region of ``_starts``: (open backend file, offset of the region in it), or None.
+        self._files: list[tuple[BinaryIO, int] | None] = []
+        self._pages: dict[int, bytes] = {}
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._stack = contextlib.ExitStack()
+        try:
+            self._connect()
+            self._stack.callback(self._disconnect)
+            self._refuse_active_dump()
+            self._pause()
+            self._stack.callback(self._finish_reading)
+            self._regions = parse_ram_map(self._hmp("info mtree -f"))
+            if not self._regions:
+                raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
+            with self._small_elf(self._regions[0].start, PAGE_SIZE) as note_elf:
+                self._cpus = note_elf.cpus()
+                self._vmcoreinfo = note_elf.vmcoreinfo()
+                self._probe = (self._regions[0].start, note_elf.read(self._regions[0].start, PAGE_SIZE))
+            if self._vmcoreinfo is None:
+                raise SourceError(f"{self.description}: {self._missing_note()}")
+            self._open_memory(memory)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    # -- QMP -----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Connect, make sure the peer greets as QMP, and find QEMU's PID when it runs on this host."""
+        unix = isinstance(self.address, str)
+        sock = socket.socket(socket.AF_UNIX if unix else socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        where = self.address if unix else f"{self.address[0]}:{self.address[1]}"
+        try:
+            if unix:
+                sock.connect(self.address)
+            else:
+                sock.close()
+                sock = socket.create_connection(self.address, self.timeout)
+            greeting = b""
+            while not greeting.startswith(GREETING_PREFIX) and len(greeting) < len(GREETING_PREFIX):
+                greeting = sock.recv(len(GREETING_PREFIX), socket.MSG_PEEK)
+                if not greeting:
+                    break
+        except FileNotFoundError:
+            sock.close()
+            raise SourceError(f"{self.description}: no socket at {where} (is QEMU running with "
+                              f"-qmp unix:{where},server=on,wait=off?)") from None
+        except TimeoutError:
+            sock.close()
+            raise SourceError(f"{self.description}: {where} sent no QMP greeting within {self.timeout:g} s: "
+                              f"not a QEMU QMP monitor") from None
+        except OSError as error:
+            sock.close()
+            raise SourceError(f"{self.description}: cannot connect to {where}: {error.strerror or error}") from None
+        if not greeting.startswith(GREETING_PREFIX):
+            sock.close()
+            raise SourceError(f"{self.description}: {where} is not a QEMU QMP monitor (it greets with {greeting!r})")
+        if unix:
+            self.qemu_pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                struct.calcsize("3i")))[0]
+        else:
+            self.qemu_pid = peer_pid(sock)
+            if self.qemu_pid is None:
+                sock.close()
+                raise SourceError(f"{self.description}: QEMU is not a process on this host (or not one we may "
+                                  f"see); windump reads guest RAM only from a local QEMU: run it on QEMU's host")
+        sock.settimeout(None)
+        self._socket = sock
+        self._qmp = QEMUMonitorProtocol(sock)
+        try:
+            self._qmp.connect()
+        except QMPError as error:
+            self._qmp = None
+            sock.close()
+            raise SourceError(f"{self.description}: QMP negotiation with {where} failed: {error}") from None
+        self._qmp.settimeout(self.timeout)
+
+    def _disconnect(self) -> None:
+        with contextlib.suppress(QMPError, OSError, EOFError, RuntimeError):
+            self._qmp.close()
+        self._socket.close()
+
+    def execute(self, command: str, **arguments: object) -> object:
+        """Run a QMP command; QEMU's refusal or a lost connection becomes one SourceError line."""
+        try:
+            return self._qmp.cmd(command, **arguments)
+        except ExecuteError as error:
+            raise SourceError(f"{self.description}: QMP {command} failed: {error.error.desc}") from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise SourceError(f"{self.description}: QEMU gave no answer to {command} within {self.timeout:g} s") from None
+        except (QMPError, OSError, EOFError) as error:
+            raise SourceError(f"{self.description}: lost the QMP connection during {command} (did QEMU quit?): "
+                              f"{error or type(error).__name__}") from None
+
+    def _hmp(self, command_line: str) -> str:
+        return self.execute("human-monitor-command", **{"command-line": command_line})
+
+    def _refuse_active_dump(self) -> None:
+        status = self.execute("query-dump")
+        if status["status"] == "active":
+            raise SourceError(f"{self.description}: QEMU is already writing a dump ({status['completed']} of "
+                              f"{status['total']} bytes); wait for it to finish, then try again")
+
+    # -- pausing ------------------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        self.was_running = bool(self.execute("query-status")["running"])
+        if self.was_running:
+            self.execute("stop")
+            self._paused_at = time.monotonic()
+
+    def _resume(self) -> None:
+        if self._paused_at is None:
+            return
+        paused_at, self._paused_at = self._paused_at, None
+        try:
+            self.execute("cont")
+        finally:
+            self._paused_for = time.monotonic() - paused_at
+
+    @property
+    def paused_seconds(self) -> float:
+        """Seconds windump has kept the guest paused (so far, while it still is)."""
+        if self._paused_at is not None:
+            return time.monotonic() - self._paused_at
+        return self._paused_for
+
+    def reading_done(self) -> None:
+        """End the stream (if any) and resume the guest if windump paused it."""
+        self._finish_reading()
+
+    def _finish_reading(self) -> None:
+        try:
+            if self._stream is not None:
+                stream, self._stream = self._stream, None
+                try:
+                    stream.drain()
+                finally:
+                    stream.close()
+                    self._wait_dump_end()
+        finally:
+            self._resume()
+
+    def close(self) -> None:
+        """Resume a guest windump paused (reads abandoned midway included), then disconnect."""
+        self._stack.close()
+
+    # -- dumps into pipes and memfds ----------------------------------------------------------
+
+    def _sink(self, fd: int) -> tuple[str, Callable[[], None]]:
+        """Hand QEMU the write end ``fd`` over the unix socket: its protocol string and an undo."""
+        name = f"windump-{os.getpid()}-{next(self._fd_names)}"
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as error:
+            raise SourceError(f"{self.description}: cannot pass a file descriptor to QEMU: {error}") from None
+        self.execute("getfd", fdname=name)
+
+        def forget() -> None:  # QEMU keeps a passed fd until a dump takes it or closefd drops it
+            with contextlib.suppress(SourceError):
+                self.execute("closefd", fdname=name)
+
+        return f"fd:{name}", forget
+
+    def _fifo(self) -> tuple[str, int]:
+        """A FIFO QEMU on this host opens by path (TCP carries no file descriptors): path, read end."""
+        if self._fifo_dir is None:
+            self._fifo_dir = tempfile.mkdtemp(prefix="windump-qmp-")
+            os.chmod(self._fifo_dir, 0o711)
+            self._stack.callback(shutil.rmtree, self._fifo_dir, True)
+        path = os.path.join(self._fifo_dir, f"dump{next(self._fd_names)}")
+        os.mkfifo(path, 0o622)
+        os.chmod(path, 0o622)  # QEMU may run as another user; the directory cannot be listed
+        read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(read_fd, True)
+        return path, read_fd
+
+    @contextlib.contextmanager
+    def _small_elf(self, begin: int, length: int) -> Iterator[ElfSource]:
+        """QEMU's ELF of ``[begin, begin + length)``: every note and those bytes, in a memfd."""
+        memfd = os.memfd_create("windump-qmp", os.MFD_CLOEXEC)
+        try:
+            if self._unix:
+                protocol, forget = self._sink(memfd)
+                try:
+                    self._dump(protocol, begin=begin, length=length)
+                except BaseException:
+                    forget()
+                    raise
+            else:
+                stream = self._start_stream(begin=begin, length=length, parse=False)
+                try:
+                    stream.copy_to(memfd)
+                finally:
+                    stream.close()
+                    self._wait_dump_end()
+            source = ElfSource(f"/proc/self/fd/{memfd}")
+        finally:
+            os.close(memfd)
+        source.description = f"{self.description} (dump-guest-memory of {begin:#x}+{length:#x})"
+        try:
+            yield source
+        finally:
+            source.close()
+
+    @property
+    def _unix(self) -> bool:
+        return isinstance(self.address, str)
+
+    def _dump(self, protocol: str, *, detach: bool = False, **arguments: object) -> None:
+        self._qmp.clear_events()
+        self.execute("dump-guest-memory", paging=False, protocol=protocol, format="elf", detach=detach, **arguments)
+        if not detach:
+            self._qmp.clear_events()
+
+    def _start_stream(self, *, parse: bool = True, **arguments: object) -> ElfStream:
+        """Start QEMU's detached ELF dump into a pipe and return its read end as a stream."""
+        if self._unix:
+            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            try:
+                protocol, forget = self._sink(write_fd)
+            finally:
+                os.close(write_fd)
+        else:
+            path, read_fd = self._fifo()
+            protocol, forget = f"file:{path}", lambda: None
+        try:
+            self._dump(protocol, detach=True, **arguments)
+        except BaseException:
+            forget()
+            os.close(read_fd)
+            raise
+        return ElfStream(read_fd, self.description, parse=parse)
+
+    def _wait_dump_end(self) -> None:
+        """Wait for QEMU's DUMP_COMPLETED; a failed dump is only an error if we still wanted it."""
+        deadline = time.monotonic() + DUMP_END_TIMEOUT
+        while self.execute("query-dump")["status"] == "active":
+            if time.monotonic() > deadline:
+                raise SourceError(f"{self.description}: QEMU's dump did not end within {DUMP_END_TIMEOUT:g} s")
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                self._qmp.pull_event(wait=0.05)
+        self._qmp.clear_events()
+
+    def _poll_progress(self) -> None:
+        status = self.execute("query-dump")
+        self.qemu_progress = (int(status["completed"]), int(status["total"]))
+        if self.progress is not None:
+            self.progress(*self.qemu_progress)
+
+    # -- guest RAM ----------------------------------------------------------------------------
+
+    def _missing_note(self) -> str:
+        """Why there is no note: no vmcoreinfo device among -device's children, or a silent guest."""
+        for container in ("/machine/peripheral", "/machine/peripheral-anon"):
+            if any(child["type"] == "child<vmcoreinfo>" for child in self.execute("qom-list", path=container)):
+                return NO_NOTE_MESSAGE
+        return NO_DEVICE_MESSAGE
+
+    def _open_memory(self, forced: str | None) -> None:
+        openers = {"shm": self._open_shared_memory, "procmem": self._open_process_memory, "stream": self._open_stream}
+        for name in ([forced] if forced else MEMORY_PATHS):
+            problem = openers[name]()
+            if problem is None:
+                self.memory_path = name
+                return
+            self.path_problems[name] = problem
+        raise SourceError(f"{self.description}: cannot read guest RAM through {forced}: {self.path_problems[forced]}")
+
+    def _use_readers(self, readers: list[Callable[[int, memoryview], None] | None]) -> str | None:
+        """Serve RAM through per-region readers ``read(offset into region, buffer)``, after checking
+        the first page against QEMU's own ELF; regions without one are left out of :attr:`ram`."""
+        kept = [(region, reader) for region, reader in zip(self._regions, readers) if reader is not None]
+        if not kept or kept[0][0].start != self._probe[0]:
+            return f"{self._regions[0].block} at {self._regions[0].start:#x} cannot be read this way"
+        check = bytearray(PAGE_SIZE)
+        try:
+            kept[0][1](0, memoryview(check))
+        except SourceError as error:
+            return str(error)
+        if check != self._probe[1]:
+            return f"the first page of {kept[0][0].block} differs from QEMU's own dump of it"
+        self._starts = np.array([region.start for region, _ in kept], dtype=np.uint64)
+        self._ends = np.array([region.end for region, _ in kept], dtype=np.uint64)
+        self._readers = [reader for _, reader in kept]
+        self._ram = _merge(self._starts, self._ends)
+        return None
+
+    def _process_reader(self, process: ProcessMemory, host: int) -> Callable[[int, memoryview], None]:
+        return lambda offset, view: process.readinto(host + offset, view)
+
+    def _host_addresses(self) -> list[int] | str:
+        addresses = []
+        for region in self._regions:
+            match = _HOST_ADDRESS.search(self._hmp(f"gpa2hva {region.start:#x}"))
+            if match is None:
+                return f"gpa2hva gives no host address for {region.block} at {region.start:#x}"
+            addresses.append(int(match[1], 16))
+        return addresses
+
+    def _open_process(self) -> ProcessMemory | str:
+        try:
+            process = ProcessMemory(self.qemu_pid)
+        except SourceError as error:
+            return str(error)
+        self._stack.callback(process.close)
+        return process
+
+    def _open_process_memory(self) -> str | None:
+        hosts = self._host_addresses()
+        if isinstance(hosts, str):
+            return hosts
+        process = self._open_process()
+        if isinstance(process, str):
+            return process
+        return self._use_readers([self._process_reader(process, host) for host in hosts])
+
+    def _mapping_reader(self, mapping: mmap.mmap, base: int) -> Callable[[int, memoryview], None]:
+        memory = memoryview(mapping)
+        self._stack.callback(memory.release)  # before the mapping closes
+
+        def read(offset: int, view: memoryview) -> None:
+            view[:] = memory[base + offset:base + offset + len(view)]
+
+        return read
+
+    def _shared_backends(self) -> dict[str, tuple[BinaryIO, mmap.mmap]] | str:
+        """Every ``memory-backend-file,share=on``, open and mapped read-only, by id; or why there is none."""
+        backends = [child["name"] for child in self.execute("qom-list", path="/objects")
+                    if child["type"] == "child<memory-backend-file>"]
+        if not backends:
+            return "no memory-backend-file RAM backend (see -object memory-backend-file,share=on)"
+        opened, problems = {}, []
+        for name in backends:
+            path = f"/objects/{name}"
+            mem_path = self.execute("qom-get", path=path, property="mem-path")
+            size = int(self.execute("qom-get", path=path, property="size"))
+            if not self.execute("qom-get", path=path, property="share"):
+                problems.append(f"backend {name} has share=off, so {mem_path} does not hold guest writes")
+                continue
+            try:
+                file = open(mem_path, "rb", buffering=0)
+            except OSError as error:
+                problems.append(f"cannot open {mem_path} of backend {name}: {error.strerror}")
+                continue
+            self._stack.callback(file.close)
+            try:
+                mapping = mmap.mmap(file.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError) as error:
+                problems.append(f"cannot map {mem_path} of backend {name}: {getattr(error, 'strerror', None) or error}")
+                continue
+            self._stack.callback(mapping.close)
+            opened[name] = (file, mapping)
+        return opened or "; ".join(problems)
+
+    def _open_shared_memory(self) -> str | None:
+        backends = self._shared_backends()
+        if isinstance(backends, str):
+            return backends
+        process = None
+        if any(region.block not in backends for region in self._regions):
+            hosts = self._host_addresses()
+            process = self._open_process() if not isinstance(hosts, str) else hosts
+        readers, files = [], []
+        for i, region in enumerate(self._regions):
+            if region.block in backends:
+                file, mapping = backends[region.block]
+                readers.append(self._mapping_reader(mapping, region.offset))
+                files.append((region.start, file, region.offset))
+            elif isinstance(process, ProcessMemory):
+                readers.append(self._process_reader(process, hosts[i]))
+            else:
+                readers.append(None)
+        problem = self._use_readers(readers)
+        if problem is None:
+            kept = {start: (file, offset) for start, file, offset in files}
+            self._files = [kept.get(int(start)) for start in self._starts]
+        return problem
+
+    def _open_stream(self) -> str | None:
+        self._starts = np.array([region.start for region in self._regions], dtype=np.uint64)
+        self._ends = np.array([region.end for region in self._regions], dtype=np.uint64)
+        self._ram = _merge(self._starts, self._ends)
+        self._readers = None
+        return None
+
+    @property
+    def ram(self) -> np.ndarray:
+        return self._ram
+
+    def readinto(self, address: int, buffer: memoryview) -> None:
+        view = memoryview(buffer).cast("B")
+        self.check_range(address, len(view))
+        if self._readers is None:
+            self._read_streamed(address, view)
+            return
+        for region, offset, length in self._pieces(address, len(view)):
+            self._readers[region](address + offset - int(self._starts[region]), view[offset:offset + length])
+
+    def file_extents(self, address: int, length: int) -> list[FileExtent] | None:
+        """Where a range lies in the shared RAM backend files, so the writer copies it in the kernel."""
+        if not self._files:
+            return None
+        self.check_range(address, length)
+        extents = []
+        for region, offset, piece in self._pieces(address, length):
+            backing = self._files[region]
+            if backing is None:
+                return None
+            file, base = backing
+            extents.append(FileExtent(file, base + address + offset - int(self._starts[region]), piece))
+        return extents
+
+    def _pieces(self, address: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """``(region, buffer offset, length)`` for each region the range crosses."""
+        offset = 0
+        region = int(np.searchsorted(self._starts, np.uint64(address), side="right")) - 1
+        while offset < length:
+            piece = min(length - offset, int(self._ends[region]) - (address + offset))
+            yield region, offset, piece
+            offset += piece
+            region += 1
+
+    def _read_streamed(self, address: int, view: memoryview) -> None:
+        """From the page cache, a one-page ELF (before the stream), or the stream (forward only)."""
+        page = address & ~(PAGE_SIZE - 1)
+        within_page = address + len(view) <= page + PAGE_SIZE
+        if within_page and page in self._pages:
+            view[:] = self._pages[page][address - page:address - page + len(view)]
+            return
+        if within_page and self._stream is None:
+            with self._small_elf(page, PAGE_SIZE) as elf:
+                self._pages[page] = elf.read(page, PAGE_SIZE)
+            view[:] = self._pages[page][address - page:address - page + len(view)]
+            return
+        if self._stream is None:
+            self._stream = self._start_stream()
+            self._next_poll = PROGRESS_INTERVAL
+        self._stream.readinto(address, view)
+        if self._stream.position >= self._next_poll:
+            self._next_poll = self._stream.position + PROGRESS_INTERVAL
+            self._poll_progress()
+
+    def vmcoreinfo(self) -> bytes | None:
+        return self._vmcoreinfo
+
+    def cpus(self) -> list[CpuState]:
+        return self._cpus
+
+
+def _merge(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` ranges with touching neighbours joined."""
+    breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+    first = np.concatenate([[0], breaks])
+    last = np.concatenate([breaks - 1, [len(starts) - 1]])
+    return np.stack([starts[first], ends[last]], axis=1).astype(np.uint64)
+
+
+class ElfStream:
+    """QEMU's ELF dump read front to back from a pipe: guest bytes served in file (= physical) order.
+
+    ``position`` is the file offset reached; reads behind it fail, since the pipe cannot rewind.
+    """
+
+    def __init__(self, fd: int, description: str, *, parse: bool = True) -> None:
+        self.fd = fd
+        self.description = description
+        self.position = 0
+        self._scratch = bytearray(1 << 20)
+        self._devnull: int | None = None
+        if not parse:
+            return
+        try:
+            self._read_headers()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fail(self, what: str) -> FormatError:
+        return FormatError(f"{self.description}: QEMU's dump stream {what}")
+
+    def _take(self, length: int) -> bytes:
+        data = bytearray(length)
+        self._read_exact(memoryview(data))
+        return bytes(data)
+
+    def _read_headers(self) -> None:
+        """Read the ELF and program headers (and the section header they may need) off the stream,
+        and set up the PT_LOADs in file order."""
+        head = self._take(16)
+        if not head.startswith(ELFMAG) or head[EI_CLASS] not in ELF_CLASSES:
+            raise self._fail(f"does not start as an ELF file ({head[:8]!r})")
+        elf_class = ELF_CLASSES[head[EI_CLASS]]
+        data = head + self._take(elf_class.ehdr.itemsize - 16)
+        ehdr = np.frombuffer(data, elf_class.ehdr, 1)[0]
+        phoff, phnum = int(ehdr["e_phoff"]), int(ehdr["e_phnum"])
+        if phnum == PN_XNUM:
+            shoff = int(ehdr["e_shoff"])
+            if shoff < len(data) or shoff > phoff:
+                raise self._fail("has its PN_XNUM section header after the program headers")
+            data += self._take(shoff + elf_class.shdr.itemsize - len(data))
+            phnum = int(np.frombuffer(data, elf_class.shdr, 1, shoff)[0]["sh_info"])
+        table_end = phoff + phnum * elf_class.phdr.itemsize
+        if phoff < len(data):
+            raise self._fail("has its program headers inside the ELF header")
+        data += self._take(table_end - len(data))
+        phdrs = np.frombuffer(data, elf_class.phdr, phnum, phoff)
+        loads = phdrs[(phdrs["p_type"] == PT_LOAD) & (phdrs["p_filesz"] > 0)]
+        order = np.argsort(loads["p_offset"], kind="stable")
+        self._offsets = loads["p_offset"][order].astype(np.uint64)
+        self._starts = loads["p_paddr"][order].astype(np.uint64)
+        self._ends = self._starts + loads["p_filesz"][order].astype(np.uint64)
+        if len(self._offsets) and int(self._offsets[0]) < self.position:
+            raise self._fail("puts guest memory before its program headers")
+        self._load = 0
+
+    def readinto(self, address: int, view: memoryview) -> None:
+        """Fill ``view`` with guest physical bytes from ``address``, skipping forward as needed."""
+        done = 0
+        while done < len(view):
+            at = address + done
+            while self._load < len(self._starts) and int(self._ends[self._load]) <= at:
+                self._load += 1  # segments wholly behind ``at``
+            inside = self._load < len(self._starts) and int(self._starts[self._load]) <= at
+            offset = int(self._offsets[self._load]) + at - int(self._starts[self._load]) if inside else -1
+            if offset < self.position:
+                raise SourceError(f"{self.description}: physical {at:#x} is not ahead in QEMU's dump stream "
+                                  f"(it passes guest memory once, in physical order)")
+            self._skip(offset - self.position)
+            length = min(len(view) - done, int(self._ends[self._load]) - at)
+            self._read_exact(view[done:done + length])
+            done += length
+
+    def _read_exact(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            count = os.readv(self.fd, [view[done:]])
+            if count == 0:
+                raise SourceError(f"{self.description}: QEMU's dump stream ended at byte {self.position:#x} "
+                                  f"(did QEMU quit, or the dump fail?)")
+            done += count
+            self.position += count
+
+    def _skip(self, length: int) -> None:
+        while length > 0:
+            count = os.splice(self.fd, self._devnull_fd(), length)
+            if count == 0:
+                raise SourceError(f"{self.description}: QEMU's dump stream ended at byte {self.position:#x} "
+                                  f"(did QEMU quit, or the dump fail?)")
+            length -= count
+            self.position += count
+
+    def drain(self) -> None:
+        """Read the rest of the stream, so QEMU ends its dump normally."""
+        while True:
+            count = os.splice(self.fd, self._devnull_fd(), 1 << 30)
+            if count == 0:
+                return
+            self.position += count
+
+    def _devnull_fd(self) -> int:
+        if self._devnull is None:
+            self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        return self._devnull
+
+    def copy_to(self, fd: int) -> None:
+        """Copy the whole stream into ``fd`` (a memfd)."""
+        while True:
+            count = os.readv(self.fd, [self._scratch])
+            if count == 0:
+                return
+            os.write(fd, memoryview(self._scratch)[:count])
+            self.position += count
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._devnull is not None:
+            os.close(self._devnull)
+            self._devnull = None
+
+
+@hookimpl
+def windump_open_location(location: str) -> MemorySource | None:
+    arguments = parse_location(location)
+    if arguments is None:
+        return None
+    return QmpSource(**arguments)
+
+
+@hookimpl
+def windump_source_kinds() -> list[SourceKind]:
+    return [SourceKind(
+        "qmp:PATH or qmp://HOST:PORT[?memory=shm|procmem|stream&timeout=S]",
+        "a live QEMU on this host through QMP (-qmp unix:PATH,server=on,wait=off); pauses a running VM "
+        "only while its RAM is read",
+    )]
