@@ -1,0 +1,393 @@
+"""The ``gdb://`` source against a real QEMU (no guest OS: memory and registers are seeded through the
+stub by the test itself), plus location parsing, mtree parsing and the non-QEMU and plugin paths."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from qemu.qmp import ConnectError, QMPClient
+
+from windump_plugins.errors import SourceError
+from windump_plugins.plugins import Plugins
+from windump_plugins.procmem import ProcessMemory, peer_pid
+from windump_plugins.rsp import RemoteStub
+from windump_plugins.sources import gdbstub
+from windump_plugins.sources.gdbstub import GdbStubSource, find_notes, parse_location, parse_mtree
+
+QEMU = shutil.which("qemu-system-x86_64")
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        return server.getsockname()[1]
+
+
+class Qemu:
+    """A diskless 64 MiB, 2-vCPU QEMU with a gdbstub on loopback and QMP on a unix socket."""
+
+    def __init__(self, directory, *, start_stopped=True) -> None:
+        if QEMU is None:
+            if os.environ.get("WINDUMP_REQUIRE_QEMU") == "1":
+                pytest.fail("qemu-system-x86_64 is not installed and WINDUMP_REQUIRE_QEMU=1")
+            pytest.skip("qemu-system-x86_64 is not installed")
+        self.port = free_port()
+        directory.mkdir()
+        self.qmp_path = str(directory / "qmp.sock")
+        command = [QEMU, "-machine", "pc,accel=tcg", "-m", "64M", "-smp", "2", "-nodefaults",
+                   "-display", "none", "-gdb", f"tcp:127.0.0.1:{self.port}",
+                   "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        self.process = subprocess.Popen(command + (["-S"] if start_stopped else []), stdin=subprocess.DEVNULL)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.location = f"gdb://127.0.0.1:{self.port}"
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:  # QMP answers once QEMU's main loop runs, the gdbstub listening by then
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"QEMU did not start (exit status {self.process.poll()})")
+            if os.path.exists(self.qmp_path):
+                with contextlib.suppress(OSError, ConnectError):
+                    self.status()
+                    return
+            time.sleep(0.05)
+
+    def qmp(self, command: str, **arguments):
+        async def run():
+            client = QMPClient()
+            await client.connect(self.qmp_path)
+            try:
+                return await client.execute(command, arguments or None)
+            finally:
+                await client.disconnect()
+
+        return asyncio.run(run())
+
+    def status(self) -> str:
+        return self.qmp("query-status")["status"]
+
+    def pmemsave(self, tmp_path, address: int, length: int) -> bytes:
+        path = tmp_path / f"pmem-{address:x}"
+        self.qmp("pmemsave", val=address, size=length, filename=str(path))
+        return path.read_bytes()
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def qemu(tmp_path):
+    machine = Qemu(tmp_path / "stopped")
+    yield machine
+    machine.close()
+
+
+@pytest.fixture
+def running_qemu(tmp_path):
+    machine = Qemu(tmp_path / "running", start_stopped=False)
+    yield machine
+    machine.close()
+
+
+def seed(location: str, address: int, data: bytes) -> None:
+    """Write ``data`` to guest physical memory with ``M`` packets (tests only: windump never writes)."""
+    host, port = location.removeprefix("gdb://").split(":")
+    with RemoteStub(host, int(port)) as stub, stub.physical_memory():
+        step = stub.packet_size // 2 - 32
+        for offset in range(0, len(data), step):
+            piece = data[offset : offset + step]
+            assert stub.command(b"M%x,%x:%s" % (address + offset, len(piece), piece.hex().encode())) == b"OK"
+
+
+def phy_mem_mode(location: str) -> int:
+    host, port = location.removeprefix("gdb://").split(":")
+    with RemoteStub(host, int(port)) as stub:
+        return stub.phy_mem_mode()
+
+
+# --- no QEMU needed -------------------------------------------------------------------------------
+
+MTREE = """FlatView #0
+ AS "cpu-smm-0", root: memory
+ Root memory region: memory
+  0000000000000000-000000000009ffff (prio 0, ram): pc.ram
+  0000000000a0000-00000000000bffff (prio 1, ram): smram
+
+FlatView #1
+ AS "memory", root: system
+ AS "cpu-memory-0", root: system
+ Root memory region: system
+  0000000000000000-000000000009ffff (prio 0, ram): pc.ram
+  00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
+  00000000000c0000-00000000000c7fff (prio 0, rom): pc.ram @00000000000c0000
+  00000000000c8000-00000000000fffff (prio 0, ram): pc.ram @00000000000c8000
+  0000000000100000-00000000bfffffff (prio 0, ram): pc.ram @0000000000100000
+  00000000fd000000-00000000fdffffff (prio 1, ramd): vga.vram
+  00000000fe000000-00000000fe000fff (prio 1, romd): pflash
+  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @00000000c0000000
+
+FlatView #2
+ AS "I/O", root: io
+ Root memory region: io
+  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
+"""
+
+
+def test_mtree_keeps_only_ram_of_address_space_memory():
+    assert parse_mtree(MTREE) == [
+        (0x0, 0xA0000, "pc.ram"),
+        (0xC8000, 0x100000, "pc.ram"),
+        (0x100000, 0xC0000000, "pc.ram"),
+        (0x100000000, 0x140000000, "pc.ram"),
+    ]
+    with pytest.raises(SourceError, match='no flat view of address space "memory"'):
+        parse_mtree(MTREE.split("FlatView #1")[0])
+
+
+def test_location_options():
+    assert parse_location("elf:guest.elf") is None
+    assert parse_location("gdb://[::1]:1234?keep-stopped&header-pa=0x7fe000") == {
+        "host": "::1", "port": 1234, "keep_stopped": True, "header_pa": 0x7FE000, "packets": False, "timeout": 10.0,
+    }
+    with pytest.raises(SourceError, match="unknown option 'keepstopped'"):
+        parse_location("gdb://localhost:1234?keepstopped")
+    with pytest.raises(SourceError, match="expected gdb://HOST:PORT"):
+        parse_location("gdb://localhost")
+
+
+def note(magic: bytes = b"DU64", marker: bytes = b"") -> bytes:
+    size = 0x2000 if magic == b"DU64" else 0x1000
+    header = np.array([11, size, 0], dtype="<u4").tobytes() + b"VMCOREINFO\0\0"
+    body = (b"PAGE" + magic + marker).ljust(size, b"\x5a")
+    return header + body
+
+
+def test_find_notes_checks_the_whole_header():
+    chunk = np.zeros(0x10000, dtype=np.uint8)
+    good, x86 = note(), note(b"DUMP")
+    bad_size = bytearray(note())
+    bad_size[4:8] = (0x1000).to_bytes(4, "little")  # DU64 needs 0x2000
+    for offset, data in ((0x1004, bytes(bad_size[:64])), (0x2004, good[:64]), (0x6000, x86[:64]), (0xFFE0, good[:32])):
+        chunk[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    assert find_notes(chunk) == [0x2004, 0x6000, 0xFFE0]
+    assert find_notes(chunk[:0xFFE4]) == [0x2004, 0x6000]  # a cut header waits for the next chunk
+
+
+def test_peer_pid_finds_the_local_listener():
+    script = "import socket,sys; s=socket.create_server(('127.0.0.1',0)); print(s.getsockname()[1], flush=True); s.accept()[0].recv(1)"
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            assert peer_pid(connection) == server.pid
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_process_memory_reads_and_refuses_holes():
+    data = np.frombuffer(os.urandom(3 * 4096), dtype=np.uint8).copy()
+    process = ProcessMemory(os.getpid())
+    try:
+        copy = bytearray(len(data))
+        process.readinto(data.ctypes.data, memoryview(copy))
+        assert copy == data.tobytes()
+        with pytest.raises(SourceError, match=r"cannot read process \d+ at 0x1000:"):
+            process.readinto(0x1000, memoryview(copy))  # the zero page is never mapped
+    finally:
+        process.close()
+
+
+# --- real QEMU -------------------------------------------------------------------------------------
+
+def open_through_plugin_manager(location: str):
+    """Open ``location`` as windump does, with this module registered by hand (no entry point yet)."""
+    plugins = Plugins()
+    plugins.register(gdbstub, "gdb")
+    assert [kind.pattern.split("[")[0] for kind in plugins.kinds()] == ["gdb://HOST:PORT"]
+    return plugins.open_source(location)
+
+
+@pytest.mark.qemu
+def test_ram_map_reads_and_paths_agree_with_pmemsave(qemu, tmp_path):
+    pattern = os.urandom(0x3000)
+    seed(qemu.location, 0x1FFF800, pattern)  # crosses page and packet boundaries
+    address, length = 0x1FF0000, 0x20000
+    expected = qemu.pmemsave(tmp_path, address, length)
+    assert expected[0xF800:0x12800] == pattern
+    with open_through_plugin_manager(qemu.location) as fast:  # QEMU serves one client at a time
+        assert fast.path == "procmem", fast.fast_path_problem
+        ram = fast.ram
+        assert fast.read(address, length) == expected
+    assert ram.dtype == np.uint64
+    assert int(ram[-1, 1]) == 64 * MiB  # -m 64M: RAM to 64 MiB, minus the ROM shadow below 1 MiB
+    assert int((ram[:, 1] - ram[:, 0]).sum()) == 64 * MiB - 0x40000
+    with GdbStubSource("127.0.0.1", qemu.port, packets=True) as slow:
+        assert slow.path == "packets"
+        assert np.array_equal(slow.ram, ram)
+        assert slow.read(address, length) == expected
+        with pytest.raises(SourceError, match="not in guest RAM"):
+            slow.read(0xC0000, 0x1000)
+    assert phy_mem_mode(qemu.location) == 0
+
+
+@pytest.mark.qemu
+def test_fast_path_falls_back_to_packets(qemu, monkeypatch):
+    seed(qemu.location, 0x200000, b"fallback")
+    seed(qemu.location, 0, b"page zero")
+    monitor = RemoteStub.monitor
+
+    def next_page(self, command):  # gpa2hva answers for the page after the one asked
+        if command.startswith("gpa2hva "):
+            command = f"gpa2hva {int(command.split()[1], 16) + 0x1000:#x}"
+        return monitor(self, command)
+
+    failures = [
+        (gdbstub, "peer_pid", lambda connection: None, "not a process on this host"),
+        (gdbstub.ProcessMemory, "__init__", lambda self, pid: (_ for _ in ()).throw(SourceError("no ptrace rights")), "no ptrace rights"),
+        (RemoteStub, "monitor", next_page, "memory differs from the stub's at 0x0"),
+    ]
+    for owner, name, replacement, reason in failures:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, replacement)
+            with GdbStubSource("127.0.0.1", qemu.port) as source:
+                assert (source.path, source.qemu_pid) == ("packets", None)
+                assert reason in source.fast_path_problem
+                assert source.read(0x200000, 8) == b"fallback"
+
+
+@pytest.mark.qemu
+def test_phy_mem_mode_restored_after_errors(qemu, monkeypatch):
+    host, port = "127.0.0.1", qemu.port
+    seed(qemu.location, 0x100000, b"\xa5" * 0x10000)
+    with RemoteStub(host, port) as stub:
+        stub.set_phy_mem_mode(1)
+        with pytest.raises(RuntimeError), stub.physical_memory(mode=0):
+            assert stub.phy_mem_mode() == 0
+            raise RuntimeError("injected")
+        assert stub.phy_mem_mode() == 1
+        stub.set_phy_mem_mode(0)
+
+        # Ctrl-C in the middle of a pipelined read: replies still in flight are drained first.
+        parse = RemoteStub._parse_memory_replies
+        calls = []
+
+        def interrupted(self, *args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return parse(self, *args)
+
+        monkeypatch.setattr(RemoteStub, "_parse_memory_replies", interrupted)
+        with pytest.raises(KeyboardInterrupt), stub.physical_memory():
+            stub.read_memory(0x100000, 0x100000)  # at least 0x100000 / 0x800 / READ_WINDOW batches
+        monkeypatch.undo()
+        assert stub.phy_mem_mode() == 0
+        with stub.physical_memory():
+            assert stub.read_memory(0x100000, 0x10000) == b"\xa5" * 0x10000
+        assert len(calls) == 3
+
+    monkeypatch.setattr(gdbstub, "parse_mtree", lambda text: (_ for _ in ()).throw(SourceError("injected")))
+    with pytest.raises(SourceError, match="injected"):
+        GdbStubSource(host, port)
+    assert phy_mem_mode(qemu.location) == 0
+
+
+@pytest.mark.qemu
+def test_registers_of_two_vcpus(qemu):
+    host, port = "127.0.0.1", qemu.port
+    # Give each vCPU its own values (test only). Outside 64-bit code, as here at reset, QEMU keeps
+    # only the low 32 bits of general registers, bases and control registers (sign-extended).
+    with RemoteStub(host, port) as stub:
+        numbers = {register.name: register.regnum for register in stub.registers()}
+        threads = stub.threads()
+        assert len(threads) == 2
+        for index, thread in enumerate(threads):
+            stub.select_thread(thread)
+            for name, value, size in (("rax", 0x11111111 * (index + 1), 8), ("k_gs_base", 0x7654321 + index, 8),
+                                      ("xmm3", (index + 1) << 120 | 0xABCDEF, 16), ("mxcsr", 0x1F80 + index, 4)):
+                assert stub.command(b"P%x=%s" % (numbers[name], value.to_bytes(size, "little").hex().encode())) == b"OK"
+    with GdbStubSource(host, port) as source:
+        cpus = source.cpus()
+    assert [cpu.index for cpu in cpus] == [0, 1]
+    for index, cpu in enumerate(cpus):
+        registers = cpu.registers
+        assert registers["rax"] == 0x11111111 * (index + 1)
+        assert registers["kernel_gs_base"] == 0x7654321 + index
+        assert registers["xmm3"] == (index + 1) << 120 | 0xABCDEF
+        assert registers["mxcsr"] == 0x1F80 + index
+        # Reset state of an x86 CPU: CS selector 0xf000, RIP 0xfff0, CR0 0x60000010, EFLAGS bit 1.
+        assert (registers["cs"], registers["rip"], registers["cr0"], registers["rflags"]) == (0xF000, 0xFFF0, 0x60000010, 2)
+        assert {"fs_base", "gs_base", "cr3", "cr4", "efer", "r15", "xmm15"} <= registers.keys()
+
+
+@pytest.mark.qemu
+def test_vmcoreinfo_is_found_in_ram(qemu, monkeypatch):
+    published = note(marker=b"published")
+    address = 0x2345674  # 4-byte aligned only
+    seed(qemu.location, address, published)
+    monkeypatch.setattr(gdbstub, "SCAN_CHUNK", 0x100000)
+    with GdbStubSource("127.0.0.1", qemu.port) as source:
+        assert source.vmcoreinfo() == published
+        assert source.vmcoreinfo_address == address
+    with GdbStubSource("127.0.0.1", qemu.port, packets=True, header_pa=address) as source:
+        assert source.vmcoreinfo() == published
+    with GdbStubSource("127.0.0.1", qemu.port, header_pa=address + 24) as source:  # the dump header's address
+        assert source.vmcoreinfo() == published and source.vmcoreinfo_address == address
+    with GdbStubSource("127.0.0.1", qemu.port, header_pa=address + 4) as source:
+        with pytest.raises(SourceError, match="no VMCOREINFO note"):
+            source.vmcoreinfo()
+
+
+@pytest.mark.qemu
+def test_note_across_a_scan_chunk_boundary(qemu, monkeypatch):
+    published = note(b"DUMP", marker=b"x86")
+    monkeypatch.setattr(gdbstub, "SCAN_CHUNK", 0x100000)
+    seed(qemu.location, 0x300000 - 12, published)  # starts 12 bytes before a chunk ends
+    with GdbStubSource("127.0.0.1", qemu.port) as source:
+        assert source.vmcoreinfo() == published
+
+
+@pytest.mark.qemu
+def test_no_note_in_a_fresh_guest(qemu):
+    with GdbStubSource("127.0.0.1", qemu.port) as source:
+        assert source.vmcoreinfo() is None
+
+
+@pytest.mark.qemu
+def test_vm_left_as_found(running_qemu, qemu):
+    assert running_qemu.status() == "running"
+    with GdbStubSource("127.0.0.1", running_qemu.port):
+        assert running_qemu.status() == "paused"
+    assert running_qemu.status() == "running"
+    with GdbStubSource("127.0.0.1", running_qemu.port, keep_stopped=True):
+        pass
+    assert running_qemu.status() == "paused"
+    # A VM someone else stopped (here: never started, -S) stays stopped.
+    with GdbStubSource("127.0.0.1", qemu.port):
+        pass
+    assert qemu.status() == "prelaunch"
+
+
+@pytest.mark.qemu
+def test_dropped_connection_is_a_source_error(qemu):
+    with GdbStubSource("127.0.0.1", qemu.port, packets=True) as source:
+        qemu.close()
+        with pytest.raises(SourceError, match=r"^gdb://127\.0\.0\.1:\d+: (the stub closed the connection|connection lost)"):
+            source.read(0x100000, 0x100000)
+        with contextlib.suppress(SourceError):
+            source.close()

@@ -1,0 +1,589 @@
+"""A client for the GDB remote serial protocol (RSP) as QEMU's gdbstub speaks it, without a gdb binary.
+
+It frames packets (checksums, acks, escapes, run-length replies), asks the stub what it supports,
+names registers from the stub's target description, runs monitor (HMP) commands with ``qRcmd``, and
+reads memory with many ``m`` requests in flight, since one ``m`` carries at most PacketSize/2 bytes
+and a round trip per packet is what makes gdb's own ``dump memory`` slow.
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SourceError
+
+#: Bytes that must be escaped inside a packet: ``}`` then the byte XOR 0x20.
+_ESCAPED = frozenset(b"$#}*")
+
+#: ``m`` requests kept in flight by :meth:`RemoteStub.readinto`.
+READ_WINDOW = 64
+
+#: A stop reply (``T05thread:01;``, ``S05``): QEMU sends one unasked when attaching stops a running VM.
+_STOP_REPLY = re.compile(rb"[TS][0-9a-fA-F]{2}")
+
+#: ASCII code -> value of a hex digit (0x100, never a checksum, for anything else).
+_HEX_VALUE = np.full(256, 0x100, dtype=np.uint16)
+for _digit in b"0123456789abcdefABCDEF":
+    _HEX_VALUE[_digit] = int(chr(_digit), 16)
+
+#: Socket receive buffer asked for (the kernel caps it at net.core.rmem_max).
+RECEIVE_BUFFER = 4 << 20
+
+#: PacketSize assumed when the stub does not say (the protocol's historical 400 bytes).
+DEFAULT_PACKET_SIZE = 400
+
+
+def checksum(payload: bytes) -> int:
+    """The packet checksum: the sum of the payload bytes modulo 256."""
+    return sum(payload) & 0xFF
+
+
+def escape(payload: bytes) -> bytes:
+    """``payload`` with ``$ # } *`` escaped as ``}`` and the byte XOR 0x20."""
+    if not _ESCAPED.intersection(payload):
+        return payload
+    out = bytearray()
+    for byte in payload:
+        if byte in _ESCAPED:
+            out += bytes((0x7D, byte ^ 0x20))
+        else:
+            out.append(byte)
+    return bytes(out)
+
+
+def frame(payload: bytes) -> bytes:
+    """``$payload#cs``: one packet ready for the wire, escaped."""
+    body = escape(payload)
+    return b"$%s#%02x" % (body, checksum(body))
+
+
+def _read_request(address: int, length: int) -> bytes:
+    """The framed ``m`` packet for ``length`` bytes at ``address`` (hex digits need no escapes)."""
+    body = b"m%x,%x" % (address, length)
+    return b"$%s#%02x" % (body, sum(body) & 0xFF)
+
+
+def decode(body: bytes) -> bytes:
+    """A received packet body with escapes undone and run lengths (``X*n``: ``n - 29`` more ``X``) expanded."""
+    if b"}" not in body and b"*" not in body:
+        return bytes(body)
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        byte = body[i]
+        if byte == 0x7D:
+            out.append(body[i + 1] ^ 0x20)
+            i += 2
+        elif byte == 0x2A:
+            if not out:
+                raise SourceError("gdbstub reply starts with a run-length marker: not a valid packet")
+            out += bytes((out[-1],)) * (body[i + 1] - 29)
+            i += 2
+        else:
+            out.append(byte)
+            i += 1
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Register:
+    """One register of the stub's target description: where it sits in a ``g`` reply."""
+
+    name: str
+    regnum: int
+    bitsize: int
+    offset: int  # in bytes within the ``g`` reply
+
+    @property
+    def size(self) -> int:
+        return self.bitsize // 8
+
+
+_XML_ELEMENT = re.compile(rb"<(reg|xi:include)\s([^>]*)>")
+_XML_ATTRIBUTE = re.compile(rb"([\w:-]+)\s*=\s*\"([^\"]*)\"")
+
+
+def _elements(document: bytes) -> Iterator[tuple[bytes, dict[str, str]]]:
+    """``(tag, attributes)`` of each ``reg`` and ``xi:include`` in document order.
+
+    A pattern, not an XML parser: QEMU's ``target.xml`` uses the ``xi`` prefix without declaring it.
+    """
+    document = re.sub(rb"<!--.*?-->", b"", document, flags=re.S)
+    for match in _XML_ELEMENT.finditer(document):
+        yield match[1], {name.decode(): value.decode() for name, value in _XML_ATTRIBUTE.findall(match[2])}
+
+
+def parse_target_description(documents: dict[str, bytes], root: str = "target.xml") -> list[Register]:
+    """The registers of a target description, following ``xi:include``, in ``g`` order.
+
+    A ``<reg>`` without ``regnum`` takes the number after the previous one, as gdb numbers them.
+    """
+    registers: list[Register] = []
+    regnum = 0
+
+    def walk(name: str) -> None:
+        nonlocal regnum
+        for tag, attributes in _elements(documents[name]):
+            if tag == b"xi:include":
+                walk(attributes["href"])
+            else:
+                regnum = int(attributes.get("regnum", regnum))
+                registers.append(Register(attributes["name"], regnum, int(attributes["bitsize"]), 0))
+                regnum += 1
+
+    walk(root)
+    registers.sort(key=lambda register: register.regnum)
+    placed = []
+    offset = 0
+    for register in registers:
+        placed.append(Register(register.name, register.regnum, register.bitsize, offset))
+        offset += register.size
+    return placed
+
+
+def xml_includes(document: bytes) -> list[str]:
+    """The ``href`` of every ``xi:include`` in a target-description document."""
+    return [attributes["href"] for tag, attributes in _elements(document) if tag == b"xi:include"]
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection whose receive buffer holds a whole window of ``m`` replies.
+
+    QEMU writes each reply synchronously and, when the socket is full, sleeps and retries: a
+    buffer smaller than the replies in flight stalls it. The size is set before connecting so the
+    window scale is negotiated for it.
+    """
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, protocol, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        connection = socket.socket(family, kind, protocol)
+        try:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection.settimeout(timeout)
+            connection.connect(address)
+            return connection
+        except OSError as failure:
+            connection.close()
+            error = failure
+    raise error
+
+
+class RemoteStub:
+    """A connection to a gdbstub; every failure is a one-line SourceError naming ``host:port``.
+
+    QEMU's stub (7.2) has no ``QStartNoAckMode``: it acks each request with ``+`` and ignores our
+    acks, so acks for replies ride along with the next requests. Connecting stops the VM.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.address = f"{host}:{port}"
+        self.timeout = timeout
+        try:
+            self._socket = _connect(host, port, timeout)
+        except OSError as error:
+            raise SourceError(f"gdb://{self.address}: cannot connect: {error.strerror or error}") from None
+        self._received = bytearray()
+        self._pending = 0  # replies to requests we sent and have not read yet
+        self._acks = 0  # replies read and not yet acked
+        self.no_ack = False
+        #: Whether the VM was running when we attached: QEMU then sends an unasked stop reply
+        #: before any other, so it is known once the first request has been answered.
+        self.stopped_running_vm = False
+        self.features: dict[str, str] = {}
+        self.packet_size = DEFAULT_PACKET_SIZE
+        self._registers: list[Register] | None = None
+        self._negotiated = False
+        try:
+            self._negotiate()
+        except BaseException:
+            self._socket.close()
+            raise
+
+    def _negotiate(self) -> None:
+        """``qSupported``: learn PacketSize, and switch acks off when the stub offers it."""
+        reply = self.command(b"qSupported:multiprocess+;xmlRegisters=i386").decode("ascii", "replace")
+        self._negotiated = True
+        for item in filter(None, reply.split(";")):
+            if "=" in item:
+                name, value = item.split("=", 1)
+                self.features[name] = value
+            else:
+                self.features[item[:-1]] = item[-1]
+        if "PacketSize" in self.features:
+            self.packet_size = int(self.features["PacketSize"], 16)
+        if self.features.get("QStartNoAckMode") == "+" and self.command(b"QStartNoAckMode") == b"OK":
+            self._send(b"")  # the OK itself is still acked
+            self.no_ack = True
+
+    # --- wire -----------------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self._acks and not self.no_ack:
+            data = b"+" * self._acks + data
+        self._acks = 0
+        try:
+            self._socket.sendall(data)
+        except socket.timeout:
+            raise SourceError(f"gdb://{self.address}: the stub stopped accepting data for {self.timeout:g} s") from None
+        except OSError as error:
+            raise SourceError(f"gdb://{self.address}: connection lost: {error.strerror or error}") from None
+
+    def _receive_more(self) -> None:
+        try:
+            chunk = self._socket.recv(1 << 20)
+            # QEMU's socket keeps Nagle on: it holds each small reply until our ACK comes, and a
+            # delayed ACK costs up to 40 ms. Quick-ack mode resets itself, so ask again each time.
+            self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except socket.timeout:
+            hint = "" if self._negotiated else " (is another debugger attached? QEMU serves one client at a time)"
+            raise SourceError(f"gdb://{self.address}: no reply from the stub within {self.timeout:g} s{hint}") from None
+        except OSError as error:
+            raise SourceError(f"gdb://{self.address}: connection lost: {error.strerror or error}") from None
+        if not chunk:
+            raise SourceError(f"gdb://{self.address}: the stub closed the connection")
+        self._received += chunk
+
+    def _packet_bounds(self, position: int) -> tuple[int, int] | None:
+        """Indexes of the ``$`` and ``#`` of the next complete packet at or after ``position``, or None.
+
+        Only acks may precede it; a ``-`` (the stub asking for a retransmit) is an error, because
+        our packets are framed correctly and a retransmit would reorder pipelined requests.
+        """
+        buffer = self._received
+        start = buffer.find(b"$", position)
+        if start < 0:
+            junk = buffer[position:]
+        else:
+            junk = buffer[position:start]
+        if junk.strip(b"+"):
+            if b"-" in junk:
+                raise SourceError(f"gdb://{self.address}: the stub rejected a packet checksum")
+            raise SourceError(f"gdb://{self.address}: unexpected bytes between packets: {bytes(junk[:16])!r}")
+        if start < 0:
+            return None
+        end = buffer.find(b"#", start)
+        if end < 0 or end + 3 > len(buffer):
+            return None
+        return start, end
+
+    def _check(self, start: int, end: int) -> None:
+        buffer = self._received
+        try:
+            expected = int(buffer[end + 1 : end + 3], 16)
+        except ValueError:
+            raise SourceError(f"gdb://{self.address}: malformed packet checksum {bytes(buffer[end + 1 : end + 3])!r}") from None
+        if checksum(buffer[start + 1 : end]) != expected:
+            raise SourceError(f"gdb://{self.address}: reply with a bad checksum")
+
+    def _next_reply(self, stop_reply: bool = False) -> bytes:
+        """The next reply's decoded payload, skipping stop notifications unless ``stop_reply``."""
+        while True:
+            while (bounds := self._packet_bounds(0)) is None:
+                self._receive_more()
+            start, end = bounds
+            self._check(start, end)
+            payload = decode(self._received[start + 1 : end])
+            del self._received[: end + 3]
+            self._acks += 1
+            if stop_reply or not _STOP_REPLY.match(payload):
+                self._pending -= 1
+                return payload
+            self.stopped_running_vm = True
+
+    def _drain(self) -> None:
+        """Read and drop replies to requests an interrupted pipeline left in flight."""
+        while self._pending > 0:
+            self._next_reply()
+
+    def command(self, payload: bytes | str) -> bytes:
+        """Send one packet and return its reply (console ``O`` packets are not expected here)."""
+        if isinstance(payload, str):
+            payload = payload.encode()
+        self._drain()
+        self._pending += 1
+        self._send(frame(payload))
+        return self._next_reply()
+
+    def checked(self, payload: bytes | str) -> bytes:
+        """:meth:`command`, with an ``Exx`` or empty (unsupported) reply raised as SourceError."""
+        reply = self.command(payload)
+        if reply == b"" or re.fullmatch(rb"E[0-9a-fA-F]{2}", reply):
+            what = payload if isinstance(payload, str) else payload.decode("ascii", "replace")
+            raise SourceError(f"gdb://{self.address}: the stub answered {what.split(':')[0]!r} with {reply.decode() or 'nothing (unsupported)'}")
+        return reply
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def stop_reason(self) -> bytes:
+        """The ``?`` reply, e.g. ``T05thread:01;``."""
+        self._drain()
+        self._pending += 1
+        self._send(frame(b"?"))
+        return self._next_reply(stop_reply=True)
+
+    def threads(self) -> list[str]:
+        """Thread ids from ``qfThreadInfo``/``qsThreadInfo``; QEMU has one per vCPU, in CPU order."""
+        ids: list[str] = []
+        reply = self.command(b"qfThreadInfo")
+        while reply.startswith(b"m"):
+            ids += reply[1:].decode().split(",")
+            reply = self.command(b"qsThreadInfo")
+        if reply != b"l":
+            raise SourceError(f"gdb://{self.address}: bad thread list reply {reply[:20]!r}")
+        return ids
+
+    def read_xfer(self, obj: str, annex: str) -> bytes:
+        """The whole ``qXfer:OBJ:read:ANNEX`` object, fetched in PacketSize pieces."""
+        data = bytearray()
+        piece = max(self.packet_size - 16, 64)
+        while True:
+            reply = self.checked(f"qXfer:{obj}:read:{annex}:{len(data):x},{piece:x}")
+            data += reply[1:]
+            if reply[:1] == b"l":
+                return bytes(data)
+            if reply[:1] != b"m":
+                raise SourceError(f"gdb://{self.address}: bad qXfer reply {reply[:20]!r}")
+
+    def registers(self) -> list[Register]:
+        """The stub's registers, from ``qXfer:features:read:target.xml`` and its includes."""
+        if self._registers is None:
+            if self.features.get("qXfer:features:read") != "+":
+                raise SourceError(f"gdb://{self.address}: the stub offers no target description (qXfer:features:read)")
+            documents = {}
+            todo = ["target.xml"]
+            while todo:
+                name = todo.pop()
+                if name not in documents:
+                    documents[name] = self.read_xfer("features", name)
+                    todo += xml_includes(documents[name])
+            self._registers = parse_target_description(documents)
+        return self._registers
+
+    def select_thread(self, thread: str) -> None:
+        """``Hg``: make ``thread`` the one ``g`` and ``p`` read."""
+        if self.command(f"Hg{thread}") != b"OK":
+            raise SourceError(f"gdb://{self.address}: the stub has no thread {thread}")
+
+    def read_registers(self, thread: str | None = None) -> dict[str, int]:
+        """The registers of ``thread`` (the current one when None) as unsigned integers, from ``g``.
+
+        Registers the stub marks unavailable (``xx``) or leaves out of a short reply are omitted.
+        """
+        if thread is not None:
+            self.select_thread(thread)
+        digits = self.checked(b"g")
+        values = {}
+        for register in self.registers():
+            field = digits[2 * register.offset : 2 * (register.offset + register.size)]
+            if len(field) == 2 * register.size and b"x" not in field:
+                values[register.name] = int.from_bytes(binascii.a2b_hex(field), "little")
+        return values
+
+    def monitor(self, command: str) -> str:
+        """Run a monitor (QEMU HMP) command with ``qRcmd``; its output (``O<hex>`` packets, CRLF
+        line ends) is returned with plain newlines."""
+        self._drain()
+        self._pending += 1
+        self._send(frame(b"qRcmd," + command.encode().hex().encode()))
+        output = []
+        while True:
+            reply = self._next_reply()
+            if reply.startswith(b"O") and reply != b"OK":
+                output.append(binascii.a2b_hex(reply[1:]))
+                self._pending += 1  # the command's final reply is still to come
+                continue
+            if reply == b"OK":
+                return b"".join(output).decode("utf-8", "replace").replace("\r\n", "\n")
+            if reply == b"":
+                raise SourceError(f"gdb://{self.address}: the stub runs no monitor commands (qRcmd)")
+            raise SourceError(f"gdb://{self.address}: monitor command {command!r} failed: {reply.decode('ascii', 'replace')}")
+
+    def detach(self) -> None:
+        """``D`` for every process: the stub resumes the VM once none is attached.
+
+        We announce ``multiprocess+`` (QEMU 7.2 keeps it on for later connections once any client
+        did), so thread ids read ``pPID.TID`` and each process is detached as ``D;PID``.
+        """
+        pids = dict.fromkeys(thread[1:].split(".")[0] for thread in self.threads() if thread.startswith("p"))
+        for pid in pids or [None]:
+            self.checked(b"D" if pid is None else f"D;{pid}".encode())
+
+    # --- QEMU ----------------------------------------------------------------------------------
+
+    def require_qemu(self) -> set[str]:
+        """The features of ``qqemu.Supported``; SourceError when the stub is not QEMU's."""
+        reply = self.command(b"qqemu.Supported")
+        if not reply or reply.startswith(b"E"):
+            raise SourceError(
+                f"gdb://{self.address}: not a QEMU gdbstub (no reply to qqemu.Supported); windump needs QEMU's physical-memory mode"
+            )
+        return set(reply.decode().split(";"))
+
+    def phy_mem_mode(self) -> int:
+        """QEMU's ``PhyMemMode``: 1 when ``m`` reads guest physical memory, 0 for virtual."""
+        query = "qqemu.PhyMemMode"
+        reply = self.checked(query)
+        if not reply.isdigit():
+            raise SourceError(f"gdb://{self.address}: the stub answered {query!r} with {reply.decode('ascii', 'replace')[:20]}")
+        return int(reply)
+
+    def set_phy_mem_mode(self, mode: int) -> None:
+        if self.checked(f"Qqemu.PhyMemMode:{mode}") != b"OK":
+            raise SourceError(f"gdb://{self.address}: the stub refused PhyMemMode {mode}")
+
+    @contextlib.contextmanager
+    def physical_memory(self, mode: int = 1) -> Iterator[None]:
+        """Switch ``PhyMemMode`` to ``mode`` and restore the previous value on leaving, however we leave.
+
+        The mode is global in QEMU and outlives our connection, so leaving it changed would turn the
+        next debugger's virtual reads into physical ones.
+        """
+        previous = self.phy_mem_mode()
+        if previous != mode:
+            self.set_phy_mem_mode(mode)
+        try:
+            yield
+        finally:
+            if previous != mode:
+                self.set_phy_mem_mode(previous)
+
+    # --- memory --------------------------------------------------------------------------------
+
+    @property
+    def max_read(self) -> int:
+        """Bytes per ``m``: the largest power of two whose hex reply fits in PacketSize."""
+        return 1 << ((self.packet_size // 2).bit_length() - 1)
+
+    def read_memory(self, address: int, length: int) -> bytes:
+        """``length`` bytes from ``address`` (physical in PhyMemMode 1, else through the current vCPU)."""
+        buffer = bytearray(length)
+        self.readinto(address, buffer)
+        return bytes(buffer)
+
+    def readinto(self, address: int, buffer: memoryview | bytearray) -> None:
+        """Fill ``buffer`` from ``address`` keeping :data:`READ_WINDOW` ``m`` requests in flight.
+
+        Replies are parsed a receive-buffer at a time: checksums summed with numpy, hex decoded by
+        ``binascii``. An interrupted read leaves replies in flight; the next command drains them.
+        """
+        view = memoryview(buffer).cast("B")
+        size = self.max_read
+        offsets = range(0, len(view), size)
+        self._drain()
+        sent = done = 0
+        while done < len(offsets):
+            if sent - done <= READ_WINDOW // 2 and sent < len(offsets):
+                batch = offsets[sent : done + READ_WINDOW]
+                self._send(b"".join(_read_request(address + o, min(size, len(view) - o)) for o in batch))
+                self._pending += len(batch)
+                sent += len(batch)
+            parsed = self._parse_memory_replies(view, offsets, done, sent, address)
+            if not parsed:
+                self._receive_more()
+            done += parsed
+
+    def _parse_memory_replies(self, view: memoryview, offsets: range, done: int, sent: int, address: int) -> int:
+        """Decode every complete ``m`` reply in the receive buffer into ``view``; returns how many."""
+        return self._parse_full_replies(view, offsets, done, sent) or self._parse_replies_one_by_one(
+            view, offsets, done, sent, address
+        )
+
+    def _parse_full_replies(self, view: memoryview, offsets: range, done: int, sent: int) -> int:
+        """The common case in one go: the buffer starts with replies that each carry a whole
+        ``max_read`` of plain hex, so they lie at a fixed stride and decode as one block.
+
+        Returns 0, consuming nothing, when the buffer does not start so (a short last reply, an
+        error, run lengths, a stop notification): the one-by-one parser then takes over.
+        """
+        size = offsets.step
+        full = min(sent, len(view) // size) - done  # replies in flight that carry a whole ``size``
+        prefix = 0 if self.no_ack else 1  # QEMU acks each request just before answering it
+        stride = prefix + 1 + 2 * size + 3
+        count = min(full, len(self._received) // stride)
+        if count <= 0:
+            return 0
+        frames = np.frombuffer(self._received, dtype=np.uint8, count=count * stride).reshape(count, stride)
+        digits = frames[:, prefix + 1 : stride - 3]
+        regular = (
+            (frames[:, :prefix] == ord("+")).all()
+            and (frames[:, prefix] == ord("$")).all()
+            and (frames[:, stride - 3] == ord("#")).all()
+            and not (digits == ord("*")).any()
+        )
+        if regular:
+            sums = digits.sum(axis=1, dtype=np.uint8)  # wraps: exactly the sum mod 256
+            stated = _HEX_VALUE[frames[:, stride - 2]] * 16 + _HEX_VALUE[frames[:, stride - 1]]
+            regular = bool((sums == stated).all())
+            data = binascii.a2b_hex(np.ascontiguousarray(digits)) if regular else b""
+        del frames, digits  # the bytearray cannot shrink while numpy views it
+        if not regular:
+            return 0
+        view[offsets[done] : offsets[done] + count * size] = data
+        del self._received[: count * stride]
+        self._pending -= count
+        self._acks += count
+        return count
+
+    def _parse_replies_one_by_one(self, view: memoryview, offsets: range, done: int, sent: int, address: int) -> int:
+        """Decode each complete ``m`` reply in the receive buffer, whatever its form."""
+        spans = []
+        position = 0
+        while done + len(spans) < sent and (bounds := self._packet_bounds(position)):
+            if self._received[bounds[0] + 1] in b"TS":  # a stop notification: hex never starts so
+                self.stopped_running_vm = True
+                self._acks += 1
+            else:
+                spans.append(bounds)
+            position = bounds[1] + 3
+        if not spans:
+            del self._received[:position]
+            return 0
+        buffer = self._received
+        starts, ends = np.array(spans, dtype=np.int64).T
+        raw = np.frombuffer(buffer, dtype=np.uint8)
+        cuts = np.stack([starts + 1, ends], axis=1).ravel()
+        sums = np.add.reduceat(raw, cuts, dtype=np.uint8)[::2]  # wraps: exactly the sum mod 256
+        sums = np.where(ends > starts + 1, sums, 0)
+        del raw
+        for (start, end), total, index in zip(spans, sums.tolist(), range(done, done + len(spans))):
+            if int(buffer[end + 1 : end + 3], 16) != total:
+                raise SourceError(f"gdb://{self.address}: reply with a bad checksum")
+            body = buffer[start + 1 : end]
+            offset = offsets[index]
+            length = min(offsets.step, len(view) - offset)
+            if len(body) != 2 * length or b"*" in body:
+                body = decode(body)
+                if len(body) != 2 * length:
+                    self._pending -= len(spans)
+                    self._acks += len(spans)
+                    del self._received[: spans[-1][1] + 3]
+                    reply = body.decode("ascii", "replace")[:20]
+                    raise SourceError(
+                        f"gdb://{self.address}: cannot read {length:#x} bytes at {address + offset:#x}: the stub answered {reply!r}"
+                    )
+            view[offset : offset + length] = binascii.a2b_hex(body)
+        del self._received[:position]
+        self._pending -= len(spans)
+        self._acks += len(spans)
+        return len(spans)
+
+    @property
+    def connection(self) -> socket.socket:
+        """The TCP socket, e.g. to find which local process is at its other end."""
+        return self._socket
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> RemoteStub:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,301 @@
+"""The ``gdb://HOST:PORT`` source: a live QEMU guest read through QEMU's gdbstub.
+
+Attaching stops the VM. Guest RAM comes from ``info mtree -f``; reads go through the stub in
+physical-memory mode (``Qqemu.PhyMemMode:1``, restored on close), or, when QEMU runs on this host
+and lets us, straight from its process memory at the addresses ``gpa2hva`` gives. windump never
+writes guest memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import urllib.parse
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..errors import SourceError
+from ..format import PAGE_SIZE, SIGNATURE, VALID_DUMP32, VALID_DUMP64
+from ..hookspecs import SourceKind, hookimpl
+from ..procmem import ProcessMemory, peer_pid
+from ..rsp import RemoteStub
+from ..source import CpuState, MemorySource
+
+#: The ELF note header the guest driver puts before its dump header: namesz, descsz, type, name.
+NOTE_NAME = b"VMCOREINFO\0\0"
+NOTE_HEADER_SIZE = 24
+_NOTE_WORDS = np.frombuffer(NOTE_NAME, dtype="<u4")
+
+#: Dump-header size for each ValidDump magic the note may carry.
+NOTE_DESC_SIZES = {VALID_DUMP64: 0x2000, VALID_DUMP32: 0x1000}
+
+#: RAM read per step when scanning for the note.
+SCAN_CHUNK = 16 << 20
+
+#: gdb register names that CpuState spells differently.
+_REGISTER_NAMES = {"eflags": "rflags", "k_gs_base": "kernel_gs_base"}
+
+_OPTIONS = ("keep-stopped", "header-pa", "packets", "timeout")
+
+_FLATVIEW_ENTRY = re.compile(r"^ +([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([\w/-]+)\): (.*)$", re.M)
+_HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")
+
+
+def parse_mtree(text: str) -> list[tuple[int, int, str]]:
+    """The RAM of address space "memory" in ``info mtree -f`` output: ``(start, end, name)`` rows,
+    ``end`` exclusive, sorted. ROM, ROM devices, RAM devices and I/O are left out: reading MMIO has
+    side effects, and PhyMemMode reads never fail, so whatever we call RAM is trusted."""
+    for view in re.split(r"^FlatView #\d+\n", text, flags=re.M):
+        if re.search(r'^ AS "memory",', view, flags=re.M):
+            return [
+                (int(start, 16), int(end, 16) + 1, name.split(" @")[0])
+                for start, end, kind, name in _FLATVIEW_ENTRY.findall(view)
+                if kind == "ram"
+            ]
+    raise SourceError('"info mtree -f" shows no flat view of address space "memory"')
+
+
+def parse_note(data: bytes) -> int | None:
+    """The total size (24 + header) of the VMCOREINFO note at the start of ``data``, or None.
+
+    The note carries a Windows dump header: ``PAGE`` then ``DU64`` (0x2000 bytes) or ``DUMP`` (0x1000).
+    """
+    if len(data) < NOTE_HEADER_SIZE + 8:
+        return None
+    namesz, descsz, kind = np.frombuffer(data, dtype="<u4", count=3).tolist()
+    magic = bytes(data[NOTE_HEADER_SIZE : NOTE_HEADER_SIZE + 8])
+    if (namesz, kind, bytes(data[12:24]), magic[:4]) != (11, 0, NOTE_NAME, SIGNATURE):
+        return None
+    if NOTE_DESC_SIZES.get(magic[4:]) != descsz:
+        return None
+    return NOTE_HEADER_SIZE + descsz
+
+
+def find_notes(chunk: np.ndarray) -> list[int]:
+    """Offsets of the VMCOREINFO note headers (with a dump header's magic) in ``chunk``, a uint8
+    array read from a 4-byte aligned address; only notes whose first 32 bytes lie in ``chunk``.
+
+    Vectorised: finds the rare "VMCO" word, then checks namesz, type and the rest in Python.
+    """
+    words = chunk[: len(chunk) // 4 * 4].view("<u4")
+    count = len(words) - (NOTE_HEADER_SIZE + 8) // 4 + 1
+    if count <= 0:
+        return []
+    candidates = np.flatnonzero(words[3 : 3 + count] == _NOTE_WORDS[0])
+    candidates = candidates[(words[candidates] == 11) & (words[candidates + 2] == 0)]
+    return [4 * index for index in candidates.tolist() if parse_note(chunk[4 * index : 4 * index + NOTE_HEADER_SIZE + 8].tobytes())]
+
+
+def parse_location(location: str) -> dict | None:
+    """Keyword arguments of :class:`GdbStubSource` for ``gdb://HOST:PORT[?OPTIONS]``, None for other schemes."""
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme != "gdb":
+        return None
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None or parts.path not in ("", "/"):
+        raise SourceError(f"{location}: expected gdb://HOST:PORT, e.g. gdb://127.0.0.1:1234")
+    options = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise SourceError(f"{location}: unknown option {unknown[0]!r}; known: {', '.join(_OPTIONS)}")
+    try:
+        header_pa = int(options["header-pa"], 0) if "header-pa" in options else None
+        timeout = float(options.get("timeout", 10.0))
+    except ValueError as error:
+        raise SourceError(f"{location}: bad option value: {error}") from None
+    return {
+        "host": host,
+        "port": port,
+        "keep_stopped": "keep-stopped" in options,
+        "header_pa": header_pa,
+        "packets": "packets" in options,
+        "timeout": timeout,
+    }
+
+
+class GdbStubSource(MemorySource):
+    """Guest physical memory and vCPU registers of a QEMU reached through its gdbstub.
+
+    ``path`` says how RAM is read: ``"procmem"`` (QEMU's process memory, same host) or
+    ``"packets"`` (``m`` requests through the stub), with ``fast_path_problem`` telling why the fast
+    path is not used. ``close()`` restores PhyMemMode and, when the VM was running when we attached
+    and ``keep_stopped`` is false, detaches so the guest runs on; a VM found paused stays paused.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        keep_stopped: bool = False,
+        header_pa: int | None = None,
+        packets: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        self.description = f"gdb://{host}:{port}"
+        self.keep_stopped = keep_stopped
+        self.header_pa = header_pa
+        self.path = "packets"
+        self.fast_path_problem: str | None = "not tried (option packets)" if packets else None
+        self.vmcoreinfo_address: int | None = None
+        self.qemu_pid: int | None = None
+        self._process: ProcessMemory | None = None
+        self._stack = contextlib.ExitStack()
+        try:
+            self.stub = self._stack.enter_context(RemoteStub(host, port, timeout))
+            if "PhyMemMode" not in self.stub.require_qemu():
+                raise SourceError(f"{self.description}: this QEMU gdbstub offers no PhyMemMode, so it cannot read physical memory (a newer QEMU can)")
+            self._stack.callback(self._leave_vm)
+            self._stack.enter_context(self.stub.physical_memory())
+            regions = parse_mtree(self.stub.monitor("info mtree -f"))
+            if not regions:
+                raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
+            self._region_starts = np.array([start for start, _, _ in regions], dtype=np.uint64)
+            self._region_ends = np.array([end for _, end, _ in regions], dtype=np.uint64)
+            self._ram = _merge(self._region_starts, self._region_ends)
+            if not packets:
+                self._open_fast_path(regions)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _leave_vm(self) -> None:
+        if self.stub.stopped_running_vm and not self.keep_stopped:
+            self.stub.detach()
+
+    def _open_fast_path(self, regions: list[tuple[int, int, str]]) -> None:
+        """Switch reads to ``/proc/PID/mem`` of QEMU when it is local, mapped and agrees with the stub."""
+        pid = peer_pid(self.stub.connection)
+        if pid is None:
+            self.fast_path_problem = "QEMU is not a process on this host (or not visible to us)"
+            return
+        host_addresses = []
+        for start, _, name in regions:
+            match = _HOST_ADDRESS.search(self.stub.monitor(f"gpa2hva {start:#x}"))
+            if match is None:
+                self.fast_path_problem = f"gpa2hva gives no host address for {name} at {start:#x}"
+                return
+            host_addresses.append(int(match[1], 16))
+        try:
+            process = ProcessMemory(pid)
+        except SourceError as error:
+            self.fast_path_problem = str(error)
+            return
+        self._stack.callback(process.close)
+        self._host_addresses = np.array(host_addresses, dtype=np.uint64)
+        try:
+            for (start, end, name), host in zip(regions, host_addresses):
+                probe = min(PAGE_SIZE, end - start)
+                direct = bytearray(probe)
+                process.readinto(host, memoryview(direct))
+                if direct != self.stub.read_memory(start, probe):
+                    self.fast_path_problem = f"process {pid} memory differs from the stub's at {start:#x} ({name})"
+                    return
+        except SourceError as error:
+            self.fast_path_problem = str(error)
+            return
+        self._process = process
+        self.path = "procmem"
+        self.qemu_pid = pid
+
+    @property
+    def ram(self) -> np.ndarray:
+        return self._ram
+
+    def readinto(self, address: int, buffer: memoryview) -> None:
+        view = memoryview(buffer).cast("B")
+        self.check_range(address, len(view))
+        if self._process is None:
+            self.stub.readinto(address, view)
+            return
+        for region, offset, length in self._pieces(address, len(view)):
+            start = int(self._region_starts[region])
+            host = int(self._host_addresses[region]) + address + offset - start
+            self._process.readinto(host, view[offset : offset + length])
+
+    def _pieces(self, address: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """``(region, buffer offset, length)`` for each mtree region the range crosses."""
+        offset = 0
+        region = int(np.searchsorted(self._region_starts, np.uint64(address), side="right")) - 1
+        while offset < length:
+            piece = min(length - offset, int(self._region_ends[region]) - (address + offset))
+            yield region, offset, piece
+            offset += piece
+            region += 1
+
+    def vmcoreinfo(self) -> bytes | None:
+        """The guest's VMCOREINFO note: at ``header_pa`` (the note's or its dump header's address)
+        when given, else the first found in RAM.
+
+        The gdbstub cannot see the fw_cfg file where the guest published the note's address, so
+        RAM is scanned from the bottom, a chunk at a time, stopping at the first valid note.
+        """
+        if self.header_pa is not None:
+            # The note's address as the guest published it, or that of the dump header inside it.
+            for address in (self.header_pa, self.header_pa - NOTE_HEADER_SIZE):
+                with contextlib.suppress(SourceError):
+                    size = parse_note(self.read(address, NOTE_HEADER_SIZE + 8))
+                    if size is not None:
+                        self.vmcoreinfo_address = address
+                        return self.read(address, size)
+            raise SourceError(f"{self.description}: no VMCOREINFO note with a dump header at header-pa {self.header_pa:#x}")
+        overlap = NOTE_HEADER_SIZE + 8  # a note header cut by a chunk's end is seen whole in the next
+        chunk = np.empty(SCAN_CHUNK, dtype=np.uint8)
+        for start, end in self._ram.tolist():
+            position = start
+            while True:
+                length = min(SCAN_CHUNK, end - position)
+                self.readinto(position, memoryview(chunk[:length]))
+                for found in find_notes(chunk[:length]):
+                    address = position + found
+                    size = parse_note(chunk[found : found + overlap].tobytes())
+                    if address + size <= end:
+                        self.vmcoreinfo_address = address
+                        return self.read(address, size)
+                if position + length >= end:
+                    break
+                position += length - overlap
+        return None
+
+    def cpus(self) -> list[CpuState]:
+        """Registers of each vCPU (gdbstub thread) as the stub reports them; no debug registers."""
+        threads = self.stub.threads()
+        states = []
+        for index, thread in enumerate(threads):
+            registers = self.stub.read_registers(thread)
+            states.append(CpuState(index, {_REGISTER_NAMES.get(name, name): value for name, value in registers.items()}))
+        self.stub.select_thread(threads[0])
+        return states
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _merge(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` ranges with touching neighbours joined."""
+    breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+    first = np.concatenate([[0], breaks])
+    last = np.concatenate([breaks - 1, [len(starts) - 1]])
+    return np.stack([starts[first], ends[last]], axis=1).astype(np.uint64)
+
+
+@hookimpl
+def windump_open_location(location: str) -> MemorySource | None:
+    arguments = parse_location(location)
+    if arguments is None:
+        return None
+    return GdbStubSource(**arguments)
+
+
+@hookimpl
+def windump_source_kinds() -> list[SourceKind]:
+    return [
+        SourceKind(
+            "gdb://HOST:PORT[?keep-stopped&header-pa=ADDR&packets&timeout=S]",
+            "a live QEMU through its gdbstub (-s or -gdb tcp::PORT); stops the VM while attached",
+        )
+    ]
