@@ -24,6 +24,11 @@ from elftools.elf.elffile import ELFFile
 PAGE_SIZE = 0x1000
 PAGE_MASK = ~(PAGE_SIZE - 1)
 
+#: The header CONTEXT fields kdmp-parser reports (its names, which are winnt.h's).
+KDMP_CONTEXT_FIELDS = ("ContextFlags", "MxCsr", "MxCsr2", "SegCs", "SegDs", "SegEs", "SegFs", "SegGs", "SegSs",
+                       "EFlags", "Dr0", "Dr1", "Dr2", "Dr3", "Dr6", "Dr7", "Rax", "Rcx", "Rdx", "Rbx", "Rsp",
+                       "Rbp", "Rsi", "Rdi", "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15", "Rip")
+
 #: Seconds a reader may take for one dump before the test calls it hung.
 READER_TIMEOUT = 120
 
@@ -146,7 +151,7 @@ def _drive_kdmp(request: dict) -> dict:
         "parsed": True,
         "dump_type": int(parser.GetDumpType().value),
         "directory_table_base": parser.GetDirectoryTableBase(),
-        "context": {"Rip": context.Rip, "Rsp": context.Rsp, "MxCsr": context.MxCsr},
+        "context": {name: int(getattr(context, name)) for name in KDMP_CONTEXT_FIELDS},
         "bugcheck": [bugcheck.BugCheckCode, *bugcheck.BugCheckCodeParameter],
         "physical": {},
         "translations": {},

@@ -123,7 +123,7 @@ def test_byte_after_a_context_fails_and_names_its_physical_address(pair):
 @pytest.mark.parametrize("field, offset", [
     ("MinorVersion", 0x00E),
     ("PhysicalMemoryBlock.Run[1].PageCount", 0x088 + 0x10 + 0x10 + 0x8),
-    ("Exception.ExceptionInformation[2]", 0xF00 + 0x20 + 0x10),
+    ("PsActiveProcessHead", 0x028 + 0x2),
 ])
 def test_header_byte_outside_the_table_fails_and_names_the_field(pair, field, offset):
     _guest, ours, theirs = pair

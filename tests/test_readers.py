@@ -17,7 +17,7 @@ import pytest
 from elfmaker import write_qemu_elf
 from readers import PAGE_MASK, PAGE_SIZE, Result, elf_physical_read, kdmp_read, volatility_read
 from windump_plugins import guestmodel
-from windump_plugins.context import CONTEXT
+from windump_plugins.context import CONTEXT, CONTEXT_CONTROL, CONTEXT_INTEGER, CONTEXT_SEGMENTS
 from windump_plugins.format import DUMP_TYPE_FULL, LIVE_SYSTEM_DUMP, PAGE_SHIFT
 from windump_plugins.guestmodel import CrashedGuest
 
@@ -25,7 +25,7 @@ from windump_plugins.guestmodel import CrashedGuest
 VARIANTS = {
     "1cpu": {"cpus": 1},
     "2cpus": {"cpus": 2},
-    "4cpus-encoded-kdbg": {"cpus": 4, "encoded_kdbg": True},
+    "4cpus-encoded-kdbg-reordered": {"cpus": 4, "encoded_kdbg": True, "processor_order": (2, 0, 3, 1)},
     "bugcheck0": {"cpus": 2, "bugcheck_code": 0},
 }
 
@@ -131,18 +131,64 @@ def test_reader_opens_the_dump(judged, reader):
     assert result.directory_table_base == judged.guest.directory_table_base
 
 
+def _context_bytes(guest: CrashedGuest) -> dict[int, int]:
+    """Physical address -> vCPU of every byte of the model's processor CONTEXTs (the bytes windump
+    overlays with the vCPUs' registers)."""
+    owners = {}
+    for vcpu, address in enumerate(guest.context_addresses):
+        for offset in range(CONTEXT.itemsize):
+            owners[guest.virtual_to_physical(address + offset)] = vcpu
+    return owners
+
+
 @pytest.mark.parametrize("reader", READERS)
 def test_reader_sees_the_elf_bytes_at_physical_pages(judged, reader):
+    """Every page holds the ELF's bytes, outside the processor CONTEXTs windump fills in."""
     result = judged.results[reader]
     assert result.parsed, result.reason
+    overlaid = _context_bytes(judged.guest)
     wrong = []
     for page, what in judged.physical.items():
         data = result.physical.get(page)
         if data is None:
             wrong.append(f"{what} ({page:#x}): {reader} has no such page ({result.errors.get(page, 'no reason')})")
-        elif data != elf_physical_read(judged.elf, page, PAGE_SIZE):
+            continue
+        keep = np.array([page + i not in overlaid for i in range(PAGE_SIZE)])
+        elf = np.frombuffer(elf_physical_read(judged.elf, page, PAGE_SIZE), dtype=np.uint8)
+        if (np.frombuffer(data, dtype=np.uint8)[keep] != elf[keep]).any():
             wrong.append(f"{what} ({page:#x}): {reader} reads other bytes than the ELF holds")
     assert not wrong, "\n".join(wrong)
+
+
+#: What a CONTEXT built from QEMU's ELF CPU notes holds: no debug, x87 or SSE state.
+ELF_CONTEXT_FLAGS = CONTEXT_CONTROL | CONTEXT_INTEGER | CONTEXT_SEGMENTS
+ELF_CONTEXT_REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
+                         "r13", "r14", "r15", "rip")
+
+
+def _expected_context(registers: dict[str, int]) -> dict[str, int]:
+    """The CONTEXT fields (winnt.h names) a vCPU's ELF registers must give."""
+    expected = {name.capitalize(): registers.get(name, 0) for name in ELF_CONTEXT_REGISTERS}
+    expected.update({f"Seg{name.capitalize()}": registers[name] for name in ("cs", "ds", "es", "fs", "gs", "ss")})
+    expected.update(ContextFlags=ELF_CONTEXT_FLAGS, EFlags=registers["rflags"], MxCsr=0)
+    return expected
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_reader_sees_each_vcpus_registers_in_its_processors_context(judged, reader):
+    """The CONTEXT each KPRCB points at holds the registers of the vCPU whose KPCR holds that KPRCB,
+    whatever KiProcessorBlock's order."""
+    result = judged.results[reader]
+    assert result.parsed, result.reason
+    guest = judged.guest
+    for vcpu, address in enumerate(guest.context_addresses):
+        raw = bytearray()
+        for offset in range(0, CONTEXT.itemsize, 8):
+            physical = guest.virtual_to_physical(address + offset)
+            raw += result.physical[physical & PAGE_MASK][physical & ~PAGE_MASK:][:8]
+        context = np.frombuffer(bytes(raw[:CONTEXT.itemsize]), dtype=CONTEXT)[0]
+        expected = _expected_context(guest.cpu_states[vcpu].registers)
+        assert {name: int(context[name]) for name in expected} == expected, f"vCPU {vcpu}"
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -174,13 +220,12 @@ def test_reader_sees_the_bug_check(judged, reader):
 
 
 def test_kdmp_context_is_the_header_context(judged):
-    """kdmp-parser takes its CONTEXT from the header's ContextRecord, which windump keeps as the
-    guest's driver wrote it."""
+    """kdmp-parser takes its CONTEXT from the header's ContextRecord, which windump fills from vCPU 0."""
     result = judged.results["kdmp"]
     assert result.parsed, result.reason
-    record = judged.guest.header["ContextRecord"].tobytes()[: CONTEXT.itemsize]
-    context = np.frombuffer(record, dtype=CONTEXT)[0]
-    assert result.context == {"Rip": int(context["Rip"]), "Rsp": int(context["Rsp"]), "MxCsr": int(context["MxCsr"])}
+    expected = _expected_context(judged.guest.cpu_states[0].registers)
+    assert {name: result.context[name] for name in expected} == expected
+    assert result.context["MxCsr2"] == 0
 
 
 @pytest.mark.parametrize("reader", READERS)

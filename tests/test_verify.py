@@ -49,6 +49,8 @@ def sound_header(guest: CrashedGuest, runs=None) -> np.ndarray:
     header["Exception"]["Unused"] = 0
     header["Comment"] = b"windump test"
     header["SystemTime"] = guestmodel.SYSTEM_TIME
+    for name in ("ProductType", "SuiteMask", "SecondaryDataState", "MiniDumpFields", "Attributes", "BootId"):
+        header[name] = 0
     header["RequiredDumpSpace"] = X64.size + body_size(runs)
     return header
 
@@ -134,6 +136,9 @@ HEADER_CORRUPTIONS = {
     "Exception PAGE": (_page_in_exception,
                        ['the exception record still holds the "PAGE" filler at header offset 0xf00, 0xf40']),
     "KdDebuggerDataBlock": (_set("KdDebuggerDataBlock", 0), ["KdDebuggerDataBlock is 0: readers cannot find KDBG"]),
+    "SystemUpTime PAGE": (_set("SystemUpTime", PAGE_WORD << 32),
+                          ['SystemUpTime (header offset 0x1030) still holds the "PAGE" filler']),
+    "SuiteMask PAGE": (_set("SuiteMask", PAGE_WORD), ['SuiteMask (header offset 0x1044) still holds the "PAGE" filler']),
 }
 
 

@@ -365,3 +365,67 @@ def test_reading_done_is_not_announced_when_reading_fails(tmp_path, small_chunks
     with pytest.raises(SourceError):
         write_dump(tmp_path / "out.dmp", dump_header(), RUNS, guest)
     assert not guest.resumed
+
+
+def _overlaid(memory: bytearray, overlays) -> bytearray:
+    patched = bytearray(memory)
+    for address, data in overlays:
+        patched[address:address + len(data)] = data
+    return patched
+
+
+@pytest.mark.parametrize("file_backed", [False, True], ids=["read", "kernel-copy"])
+def test_overlays_replace_body_bytes_and_nothing_else(tmp_path, small_chunks, file_backed):
+    """Overlays land at their physical addresses: inside a page, across a page boundary, across the
+    two runs' boundary-free ends, in a run's first and last byte, and one overlapping another (the
+    later wins); every other byte is the guest's, and the guest's memory is untouched."""
+    source = FileGuest(tmp_path / "ram.bin") if file_backed else MemoryGuest()
+    before = bytes(source.memory)
+    overlays = [
+        (0x1234, b"A" * 16),
+        (0x2FF8, b"B" * 0x20),  # crosses from page 2 into page 3
+        (0x0, b"C"),  # the first byte of run 0
+        (0x9FFFF, b"D"),  # the last byte of run 0
+        (0x100000, b"E" * 0x2000),  # the first two pages of run 1
+        (0x3FF000, b"F" * PAGE_SIZE),  # run 1's last page
+        (0x1238, b"G" * 4),  # over the first overlay
+    ]
+    out = tmp_path / "guest.dmp"
+    write_dump(out, dump_header(), RUNS, source, overlays=overlays)
+    patched = MemoryGuest()
+    patched.memory = _overlaid(source.memory, overlays)
+    assert out.read_bytes()[X64.size:] == patched.expected_body(RUNS)
+    assert bytes(source.memory) == before
+
+
+def test_overlays_of_pages_both_sides_of_a_run_boundary(tmp_path):
+    """Two runs that meet at one physical address: an overlay over the meeting point is split
+    between the end of the one and the start of the other, wherever the runs sit in the file."""
+    runs = np.array([[0x200, 0x10], [0x100, 0x100]], dtype=np.uint64)  # run 1 ends where run 0 starts
+    source = MemoryGuest()
+    overlays = [(0x200000 - 8, b"H" * 16)]
+    out = tmp_path / "guest.dmp"
+    write_dump(out, dump_header(runs), runs, source, overlays=overlays)
+    patched = MemoryGuest()
+    patched.memory = _overlaid(source.memory, overlays)
+    assert out.read_bytes()[X64.size:] == patched.expected_body(runs)
+
+
+@pytest.mark.parametrize("overlay", [(0xA0000 - 4, b"x" * 8), (0x400000, b"x"), (0xA0000, b"x")],
+                         ids=["runs-out-of-run-0", "past-the-last-run", "in-the-hole"])
+def test_overlay_outside_the_runs_is_refused_before_writing(tmp_path, overlay):
+    out = tmp_path / "guest.dmp"
+    with pytest.raises(WindumpError, match="not inside the dump's physical-memory runs"):
+        write_dump(out, dump_header(), RUNS, MemoryGuest(), overlays=[overlay])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pages_without_overlays_keep_the_kernel_copy(tmp_path, monkeypatch):
+    """Only the overlaid page is read through the source; the rest still goes by file extents."""
+    source = FileGuest(tmp_path / "ram.bin")
+    read = []
+    real_readinto = source.readinto
+    monkeypatch.setattr(source, "readinto", lambda address, buffer: (read.append((address, len(buffer))),
+                                                                     real_readinto(address, buffer))[-1])
+    write_dump(tmp_path / "guest.dmp", dump_header(), RUNS, source, overlays=[(0x150010, b"zz")])
+    assert read == [(0x150000, PAGE_SIZE)]

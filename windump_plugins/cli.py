@@ -84,9 +84,12 @@ def _size(count: int) -> str:
         arg("output", metavar="OUTPUT", help="the .dmp file to write"),
         arg("-f", "--force", action="store_true", help="replace OUTPUT if it exists"),
         arg("-q", "--quiet", action="store_true", help="no progress bar and no summary line"),
+        arg("--context-cpu", metavar="N", type=int,
+            help="vCPU whose registers the header's context and exception record show (default 0)"),
     ),
     examples=(
         "windump save guest.elf guest.dmp     # from QEMU's dump-guest-memory",
+        "windump save --context-cpu 1 guest.elf guest.dmp",
         "windump save sample: sample.dmp      # the built-in sample guest",
     ),
     lists_sources=True,
@@ -98,13 +101,15 @@ def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     source = plugins.open_source(args.source)
     try:
         with progress_bar(os.path.basename(args.output), enabled=not args.quiet) as progress:
-            report = save(source, args.output, force=args.force, progress=progress)
+            report = save(source, args.output, force=args.force, progress=progress, context_cpu=args.context_cpu)
     finally:
         source.close()
     if not args.quiet:
         rate = report.bytes_per_second / 1e6
+        paused = getattr(source, "paused_seconds", None)
+        pause = "" if paused is None else f", guest paused {paused:.2f} s"
         print(f"wrote {report.output}: {_size(report.bytes_written)}, {report.runs} runs, "
-              f"{report.pages} pages, {report.seconds:.1f} s, {rate:.0f} MB/s")
+              f"{report.pages} pages, {report.seconds:.1f} s, {rate:.0f} MB/s{pause}")
     return 0
 
 

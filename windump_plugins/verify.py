@@ -163,6 +163,26 @@ def check_exception_record(dump: DumpHeader) -> list[str]:
     return [f'the exception record still holds the "PAGE" filler at header offset {offsets}']
 
 
+#: Header fields debuggers show or use, which must not hold the "PAGE" filler, per format.
+FILLER_CHECKED = {
+    X64.name: ("NumberProcessors", "SystemTime", "SystemUpTime", "ProductType", "SuiteMask", "SecondaryDataState",
+               "MiniDumpFields", "Attributes", "BootId"),
+    X86.name: ("NumberProcessors", "SystemTime", "SystemUpTime", "ProductType", "SuiteMask", "SecondaryDataState",
+               "MiniDumpFields"),
+}
+
+
+def check_header_filler(dump: DumpHeader) -> list[str]:
+    """No "PAGE" filler left in the header fields debuggers show (the boot-time header is full of it)."""
+    problems = []
+    for name in FILLER_CHECKED[dump.format.name]:
+        words = np.frombuffer(dump.header[name].tobytes(), dtype="<u4")
+        if (words == PAGE_FILLER).any():
+            offset = dump.format.dtype.fields[name][1]
+            problems.append(f'{name} (header offset {offset:#x}) still holds the "PAGE" filler')
+    return problems
+
+
 HEADER_CHECKS: tuple[HeaderCheck, ...] = (
     check_dump_type,
     check_machine_image_type,
@@ -174,6 +194,7 @@ HEADER_CHECKS: tuple[HeaderCheck, ...] = (
     check_header_context,
     check_pads,
     check_exception_record,
+    check_header_filler,
 )
 
 

@@ -1,7 +1,9 @@
 """The dump writer: streams a header and every page of its physical-memory runs into a private file
 that appears at its final name only once complete.
 
-Pages go out in large chunks through one reused buffer, or are copied by the kernel
+*Overlays* replace body bytes at given physical addresses in the output only (windump writes each
+processor's CONTEXT this way, never into guest memory); the pages they touch are read, patched and
+written through the buffer, every other page takes the usual path. Pages go out in large chunks through one reused buffer, or are copied by the kernel
 (``copy_file_range``, then ``sendfile``) when the source keeps them verbatim in a file, so memory use
 stays flat whatever the guest size. The file is written under a temporary name beside the target,
 synced, then renamed into place: an interrupted or failed write leaves nothing behind.
@@ -13,16 +15,20 @@ import ctypes
 import errno
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .errors import SourceError, WindumpError
-from .format import PAGE_SHIFT, X64, X86, body_size
+from .format import PAGE_SHIFT, PAGE_SIZE, X64, X86, body_size
+from .runs import merge_ranges, runs_to_ranges
 from .source import FileExtent, MemorySource
 
 #: ``progress(done, total)`` in bytes, header included.
 ProgressCallback = Callable[[int, int], None]
+
+#: ``(physical address, bytes)``: what the output holds there instead of the guest's bytes.
+Overlay = tuple[int, bytes]
 
 #: Bytes moved per read/write or kernel copy: large enough to amortise syscalls, small enough to
 #: keep the reused buffer cheap.
@@ -48,9 +54,13 @@ def write_dump(
     *,
     force: bool = False,
     progress: ProgressCallback | None = None,
+    overlays: Sequence[Overlay] = (),
 ) -> int:
     """Write ``header`` then the pages of each ``[BasePage, PageCount]`` run of ``source`` to
-    ``output``; return the bytes written.
+    ``output``, each overlay's bytes in place of the guest's at its physical address; return the
+    bytes written.
+
+    An overlay must lie in the runs (WindumpError otherwise); where overlays overlap, the later wins.
 
     ``output`` is created mode 0600. An existing ``output`` is replaced only with ``force`` (a
     symlink there is replaced, never followed). On any failure, Ctrl-C included, the temporary file
@@ -61,6 +71,7 @@ def write_dump(
         raise WindumpError(f"dump header is {len(header):#x} bytes, expected {X64.size:#x} or {X86.size:#x}")
     runs = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
     total = len(header) + body_size(runs)
+    patches = _check_overlays(overlays, runs)
     directory, name = os.path.split(target)
     if not name:
         raise WindumpError(f"cannot write {target}: it names a directory, not a file")
@@ -73,7 +84,7 @@ def write_dump(
     try:
         temp_name, fd = _create_private(dir_fd, name, target)
         try:
-            _DumpStream(fd, source, progress, total).write(header, runs)
+            _DumpStream(fd, source, progress, total, patches).write(header, runs)
             source.reading_done()
             size = os.fstat(fd).st_size
             if size != total:
@@ -93,6 +104,29 @@ def write_dump(
     finally:
         os.close(dir_fd)
     return total
+
+
+def _check_overlays(overlays: Sequence[Overlay], runs: np.ndarray) -> list[Overlay]:
+    """The non-empty overlays, after checking that each lies in the runs (so none is silently lost)."""
+    ranges = runs_to_ranges(runs)
+    patches = []
+    for address, data in overlays:
+        if not data:
+            continue
+        covered = 0
+        for start, end in ranges.tolist():
+            covered += max(0, min(end, address + len(data)) - max(start, address))
+        if address < 0 or covered != len(data):
+            raise WindumpError(f"overlay at physical {address:#x}-{address + len(data):#x} is not inside the "
+                               f"dump's physical-memory runs, so the dump cannot hold it")
+        patches.append((address, bytes(data)))
+    return patches
+
+
+def _patched_spans(patches: list[Overlay]) -> np.ndarray:
+    """``(N, 2)`` sorted, disjoint ``[start, end)`` byte ranges of the whole pages overlays touch."""
+    spans = [(address & -PAGE_SIZE, (address + len(data) + PAGE_SIZE - 1) & -PAGE_SIZE) for address, data in patches]
+    return merge_ranges(np.array(spans, dtype=np.uint64).reshape(-1, 2))
 
 
 def _create_private(dir_fd: int, name: str, target: str) -> tuple[str, int]:
@@ -150,8 +184,11 @@ def _remove(dir_fd: int, temp_name: str) -> None:
 class _DumpStream:
     """Appends guest pages to the open dump file, remembering which copy method the kernel allows."""
 
-    def __init__(self, fd: int, source: MemorySource, progress: ProgressCallback | None, total: int):
+    def __init__(self, fd: int, source: MemorySource, progress: ProgressCallback | None, total: int,
+                 patches: list[Overlay] = ()):
         self.fd = fd
+        self.patches = list(patches)
+        self.patched_spans = _patched_spans(self.patches)
         self.source = source
         self.progress = progress
         self.total = total
@@ -167,17 +204,44 @@ class _DumpStream:
         self._advance(len(header))
         for base_page, page_count in runs.tolist():
             address, length = base_page << PAGE_SHIFT, page_count << PAGE_SHIFT
-            if length == 0:
-                continue
-            extents = self.source.file_extents(address, length)
-            if extents is None:
-                self._read_range(address, length)
-            else:
-                if sum(extent.length for extent in extents) != length:
-                    raise SourceError(f"{self._name()}: file extents do not cover {address:#x}-{address + length:#x}")
-                for extent in extents:
-                    self._copy_extent(extent)
+            end = address + length
+            for span_start, span_end in self.patched_spans.tolist():
+                if span_end <= address or span_start >= end:
+                    continue
+                span_start, span_end = max(span_start, address), min(span_end, end)
+                self._copy_range(address, span_start - address)
+                self._patched_range(span_start, span_end - span_start)
+                address = span_end
+            self._copy_range(address, end - address)
         self._report(force=True)
+
+    def _copy_range(self, address: int, length: int) -> None:
+        """Guest bytes as they are: copied by the kernel when the source has them in a file."""
+        if length == 0:
+            return
+        extents = self.source.file_extents(address, length)
+        if extents is None:
+            self._read_range(address, length)
+            return
+        if sum(extent.length for extent in extents) != length:
+            raise SourceError(f"{self._name()}: file extents do not cover {address:#x}-{address + length:#x}")
+        for extent in extents:
+            self._copy_extent(extent)
+
+    def _patched_range(self, address: int, length: int) -> None:
+        """The few pages overlays touch: read, patched in the buffer, written."""
+        buffer = self._chunk_buffer()
+        end = address + length
+        while address < end:
+            view = buffer[: min(len(buffer), end - address)]
+            self.source.readinto(address, view)
+            for patch_address, data in self.patches:
+                lo, hi = max(patch_address, address), min(patch_address + len(data), address + len(view))
+                if lo < hi:
+                    view[lo - address:hi - address] = data[lo - patch_address:hi - patch_address]
+            self._write_all(view)
+            address += len(view)
+            self._advance(len(view))
 
     def _name(self) -> str:
         return self.source.description or "source"
