@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -194,11 +195,19 @@ class _DumpStream:
         self.total = total
         self.done = 0
         self.reported = 0
-        self.buffer: memoryview | None = None
+        self.buffers: list[memoryview] = []
+        self.turn = 0
+        self.behind = _WriteBehind(fd)
         self.copy_file_range = True
         self.sendfile = True
 
     def write(self, header: bytes, runs: np.ndarray) -> None:
+        try:
+            self._write_runs(header, runs)
+        finally:
+            self.behind.close()
+
+    def _write_runs(self, header: bytes, runs: np.ndarray) -> None:
         self._report(force=True)
         self._write_all(memoryview(header))
         self._advance(len(header))
@@ -213,6 +222,7 @@ class _DumpStream:
                 self._patched_range(span_start, span_end - span_start)
                 address = span_end
             self._copy_range(address, end - address)
+        self.behind.drain()
         self._report(force=True)
 
     def _copy_range(self, address: int, length: int) -> None:
@@ -256,21 +266,27 @@ class _DumpStream:
             self.progress(self.done, self.total)
 
     def _chunk_buffer(self) -> memoryview:
-        if self.buffer is None:
-            self.buffer = memoryview(bytearray(min(CHUNK_SIZE, self.total)))
-        return self.buffer
+        """The next of two reused buffers, once the write-behind of its last contents is done."""
+        if len(self.buffers) < 2:
+            self.buffers.append(memoryview(bytearray(min(CHUNK_SIZE, self.total))))
+        self.turn = (self.turn + 1) % len(self.buffers)
+        self.behind.wait_for(self.turn)
+        return self.buffers[self.turn]
 
     def _write_all(self, data: memoryview) -> None:
-        while data:
-            data = data[os.write(self.fd, data):]
+        """Write now, in order: after whatever the write-behind still holds."""
+        self.behind.drain()
+        _write_fully(self.fd, data)
 
     def _read_range(self, address: int, length: int) -> None:
-        buffer = self._chunk_buffer()
+        """Read a chunk while the previous one is being written: a live source's reads (and so the
+        guest's pause) then take as long as the slower of reading and writing, not their sum."""
         end = address + length
         while address < end:
+            buffer = self._chunk_buffer()
             view = buffer[: min(len(buffer), end - address)]
             self.source.readinto(address, view)
-            self._write_all(view)
+            self.behind.submit(self.turn, view)
             address += len(view)
             self._advance(len(view))
 
@@ -306,7 +322,46 @@ class _DumpStream:
         return None
 
     def _pread_copy(self, src_fd: int, offset: int, count: int) -> int:
+        self.behind.drain()
         view = self._chunk_buffer()[:count]
         got = os.preadv(src_fd, [view], offset)
         self._write_all(view[:got])
         return got
+
+
+def _write_fully(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+class _WriteBehind:
+    """Writes filled buffers to the dump on one worker thread, in submission order.
+
+    Only file writes run on the worker, never source reads or progress callbacks, so sources need
+    not be thread-safe. A write error surfaces on the next wait.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.executor: ThreadPoolExecutor | None = None
+        self.pending: dict[int, Future] = {}
+
+    def submit(self, slot: int, data: memoryview) -> None:
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="windump-write")
+        self.pending[slot] = self.executor.submit(_write_fully, self.fd, data)
+
+    def wait_for(self, slot: int) -> None:
+        future = self.pending.pop(slot, None)
+        if future is not None:
+            future.result()
+
+    def drain(self) -> None:
+        for slot in list(self.pending):
+            self.wait_for(slot)
+
+    def close(self) -> None:
+        """Wait for the worker (after an error too, so nothing writes once the file is gone)."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
