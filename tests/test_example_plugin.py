@@ -69,6 +69,7 @@ def venv_bin(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "pyproject.toml", windump)
     shutil.copy(ROOT / "README.md", windump)
     shutil.copytree(ROOT / "windump_plugins", windump / "windump_plugins", ignore=ignore)
+    shutil.copytree(ROOT / "gdb", windump / "gdb", ignore=ignore)
     example = shutil.copytree(EXAMPLE, work / "windump-raw", ignore=ignore)
     env = work / "env"
     subprocess.run([sys.executable, "-m", "venv", env], check=True, timeout=120)

@@ -167,6 +167,19 @@ def _plugins(args: argparse.Namespace, plugins: Plugins) -> int:
     return 0
 
 
+@command(
+    "gdb-script",
+    "print the path of the gdb script that adds windump-save",
+    "Print the path of windump.py for gdb's source command: inside a gdb attached to QEMU's gdbstub "
+    "it adds the windump-save command. gdb's Python must import windump (see the gdb page of the docs).",
+    examples=("gdb -ex 'target remote 127.0.0.1:1234' -ex \"source $(windump gdb-script)\" -ex 'windump-save guest.dmp'",),
+)
+def _gdb_script(args: argparse.Namespace, plugins: Plugins) -> int:
+    from .gdbscript import print_script_path
+
+    return print_script_path(args, plugins)
+
+
 def _epilog(entry: Command, plugins: Plugins) -> str | None:
     parts = []
     if entry.lists_sources:

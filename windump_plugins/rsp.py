@@ -175,20 +175,106 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     raise error
 
 
-class RemoteStub:
+def parse_supported(reply: bytes) -> dict[str, str]:
+    """The features of a ``qSupported`` reply: ``name=value`` items, and ``name+``/``name-`` as ``"+"``/``"-"``."""
+    features = {}
+    for item in filter(None, reply.decode("ascii", "replace").split(";")):
+        if "=" in item:
+            name, value = item.split("=", 1)
+            features[name] = value
+        else:
+            features[item[:-1]] = item[-1]
+    return features
+
+
+class QemuQueries:
+    """QEMU's own gdbstub queries, for any connection that can send a packet and return its reply.
+
+    Shared by :class:`RemoteStub` (our socket) and windump's adapter for gdb's own connection, so
+    both restore ``PhyMemMode`` the same way.
+    """
+
+    #: ``host:port`` (or how gdb names its connection), for messages.
+    address: str
+
+    def command(self, payload: bytes | str) -> bytes:
+        """Send one packet and return its reply."""
+        raise NotImplementedError
+
+    def checked(self, payload: bytes | str) -> bytes:
+        """:meth:`command`, with an ``Exx`` or empty (unsupported) reply raised as SourceError."""
+        reply = self.command(payload)
+        if reply == b"" or re.fullmatch(rb"E[0-9a-fA-F]{2}", reply):
+            what = payload if isinstance(payload, str) else payload.decode("ascii", "replace")
+            raise SourceError(f"gdb://{self.address}: the stub answered {what.split(':')[0]!r} with {reply.decode() or 'nothing (unsupported)'}")
+        return reply
+
+    def require_qemu(self) -> set[str]:
+        """The features of ``qqemu.Supported``; SourceError when the stub is not QEMU's."""
+        reply = self.command(b"qqemu.Supported")
+        if not reply or reply.startswith(b"E"):
+            raise SourceError(
+                f"gdb://{self.address}: not a QEMU gdbstub (no reply to qqemu.Supported); windump needs QEMU's physical-memory mode"
+            )
+        return set(reply.decode().split(";"))
+
+    def phy_mem_mode(self) -> int:
+        """QEMU's ``PhyMemMode``: 1 when ``m`` reads guest physical memory, 0 for virtual."""
+        query = "qqemu.PhyMemMode"
+        reply = self.checked(query)
+        if not reply.isdigit():
+            raise SourceError(f"gdb://{self.address}: the stub answered {query!r} with {reply.decode('ascii', 'replace')[:20]}")
+        return int(reply)
+
+    def set_phy_mem_mode(self, mode: int) -> None:
+        if self.checked(f"Qqemu.PhyMemMode:{mode}") != b"OK":
+            raise SourceError(f"gdb://{self.address}: the stub refused PhyMemMode {mode}")
+
+    @contextlib.contextmanager
+    def physical_memory(self, mode: int = 1) -> Iterator[None]:
+        """Switch ``PhyMemMode`` to ``mode`` and restore the previous value on leaving, however we leave.
+
+        The mode is global in QEMU and outlives our connection, so leaving it changed would turn the
+        next debugger's virtual reads into physical ones. When leaving on an error, a failure to
+        restore (the connection is gone) does not hide that error.
+        """
+        previous = self.phy_mem_mode()
+        if previous != mode:
+            self.set_phy_mem_mode(mode)
+        try:
+            yield
+        except BaseException:
+            if previous != mode:
+                with contextlib.suppress(SourceError):
+                    self.set_phy_mem_mode(previous)
+            raise
+        if previous != mode:
+            self.set_phy_mem_mode(previous)
+
+
+class RemoteStub(QemuQueries):
     """A connection to a gdbstub; every failure is a one-line SourceError naming ``host:port``.
 
     QEMU's stub (7.2) has no ``QStartNoAckMode``: it acks each request with ``+`` and ignores our
     acks, so acks for replies ride along with the next requests. Connecting stops the VM.
+
+    With ``connection`` (an already connected socket, e.g. a duplicate of gdb's own) no connection
+    is made, and with ``features`` (that connection's ``qSupported`` reply, parsed) nothing is
+    negotiated: the stub is only talked to, as its owner left it.
     """
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 10.0, *, connection: socket.socket | None = None,
+                 features: dict[str, str] | None = None) -> None:
         self.address = f"{host}:{port}"
         self.timeout = timeout
-        try:
-            self._socket = _connect(host, port, timeout)
-        except OSError as error:
-            raise SourceError(f"gdb://{self.address}: cannot connect: {error.strerror or error}") from None
+        if connection is not None:
+            connection.settimeout(timeout)
+            self._socket = connection
+        else:
+            try:
+                self._socket = _connect(host, port, timeout)
+            except OSError as error:
+                raise SourceError(f"gdb://{self.address}: cannot connect: {error.strerror or error}") from None
         self._received = bytearray()
         self._pending = 0  # replies to requests we sent and have not read yet
         self._acks = 0  # replies read and not yet acked
@@ -200,24 +286,28 @@ class RemoteStub:
         self.packet_size = DEFAULT_PACKET_SIZE
         self._registers: list[Register] | None = None
         self._negotiated = False
+        if features is not None:
+            self._use_features(features)
+            # The connection's owner switched acks off if the stub offered it (gdb does by default).
+            self.no_ack = features.get("QStartNoAckMode") == "+"
+            self._negotiated = True
+            return
         try:
             self._negotiate()
         except BaseException:
             self._socket.close()
             raise
 
+    def _use_features(self, features: dict[str, str]) -> None:
+        self.features = features
+        if "PacketSize" in features:
+            self.packet_size = int(features["PacketSize"], 16)
+
     def _negotiate(self) -> None:
         """``qSupported``: learn PacketSize, and switch acks off when the stub offers it."""
-        reply = self.command(b"qSupported:multiprocess+;xmlRegisters=i386").decode("ascii", "replace")
+        reply = self.command(b"qSupported:multiprocess+;xmlRegisters=i386")
         self._negotiated = True
-        for item in filter(None, reply.split(";")):
-            if "=" in item:
-                name, value = item.split("=", 1)
-                self.features[name] = value
-            else:
-                self.features[item[:-1]] = item[-1]
-        if "PacketSize" in self.features:
-            self.packet_size = int(self.features["PacketSize"], 16)
+        self._use_features(parse_supported(reply))
         if self.features.get("QStartNoAckMode") == "+" and self.command(b"QStartNoAckMode") == b"OK":
             self._send(b"")  # the OK itself is still acked
             self.no_ack = True
@@ -302,6 +392,15 @@ class RemoteStub:
         while self._pending > 0:
             self._next_reply()
 
+    def settle(self) -> None:
+        """Leave the connection quiet: replies in flight read and dropped, every reply acked.
+
+        For a connection shared with another client (gdb's), which must find no stray bytes.
+        """
+        self._drain()
+        if self._acks and not self.no_ack:
+            self._send(b"")
+
     def command(self, payload: bytes | str) -> bytes:
         """Send one packet and return its reply (console ``O`` packets are not expected here)."""
         if isinstance(payload, str):
@@ -310,14 +409,6 @@ class RemoteStub:
         self._pending += 1
         self._send(frame(payload))
         return self._next_reply()
-
-    def checked(self, payload: bytes | str) -> bytes:
-        """:meth:`command`, with an ``Exx`` or empty (unsupported) reply raised as SourceError."""
-        reply = self.command(payload)
-        if reply == b"" or re.fullmatch(rb"E[0-9a-fA-F]{2}", reply):
-            what = payload if isinstance(payload, str) else payload.decode("ascii", "replace")
-            raise SourceError(f"gdb://{self.address}: the stub answered {what.split(':')[0]!r} with {reply.decode() or 'nothing (unsupported)'}")
-        return reply
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -386,6 +477,13 @@ class RemoteStub:
                 values[register.name] = int.from_bytes(binascii.a2b_hex(field), "little")
         return values
 
+    def vcpu_registers(self) -> list[dict[str, int]]:
+        """Every vCPU's registers (gdb's names), in CPU order: QEMU has one thread per vCPU."""
+        threads = self.threads()
+        states = [self.read_registers(thread) for thread in threads]
+        self.select_thread(threads[0])
+        return states
+
     def monitor(self, command: str) -> str:
         """Run a monitor (QEMU HMP) command with ``qRcmd``; its output (``O<hex>`` packets, CRLF
         line ends) is returned with plain newlines."""
@@ -414,45 +512,6 @@ class RemoteStub:
         pids = dict.fromkeys(thread[1:].split(".")[0] for thread in self.threads() if thread.startswith("p"))
         for pid in pids or [None]:
             self.checked(b"D" if pid is None else f"D;{pid}".encode())
-
-    # --- QEMU ----------------------------------------------------------------------------------
-
-    def require_qemu(self) -> set[str]:
-        """The features of ``qqemu.Supported``; SourceError when the stub is not QEMU's."""
-        reply = self.command(b"qqemu.Supported")
-        if not reply or reply.startswith(b"E"):
-            raise SourceError(
-                f"gdb://{self.address}: not a QEMU gdbstub (no reply to qqemu.Supported); windump needs QEMU's physical-memory mode"
-            )
-        return set(reply.decode().split(";"))
-
-    def phy_mem_mode(self) -> int:
-        """QEMU's ``PhyMemMode``: 1 when ``m`` reads guest physical memory, 0 for virtual."""
-        query = "qqemu.PhyMemMode"
-        reply = self.checked(query)
-        if not reply.isdigit():
-            raise SourceError(f"gdb://{self.address}: the stub answered {query!r} with {reply.decode('ascii', 'replace')[:20]}")
-        return int(reply)
-
-    def set_phy_mem_mode(self, mode: int) -> None:
-        if self.checked(f"Qqemu.PhyMemMode:{mode}") != b"OK":
-            raise SourceError(f"gdb://{self.address}: the stub refused PhyMemMode {mode}")
-
-    @contextlib.contextmanager
-    def physical_memory(self, mode: int = 1) -> Iterator[None]:
-        """Switch ``PhyMemMode`` to ``mode`` and restore the previous value on leaving, however we leave.
-
-        The mode is global in QEMU and outlives our connection, so leaving it changed would turn the
-        next debugger's virtual reads into physical ones.
-        """
-        previous = self.phy_mem_mode()
-        if previous != mode:
-            self.set_phy_mem_mode(mode)
-        try:
-            yield
-        finally:
-            if previous != mode:
-                self.set_phy_mem_mode(previous)
 
     # --- memory --------------------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import urllib.parse
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -117,6 +119,28 @@ def parse_location(location: str) -> dict | None:
     }
 
 
+class QemuStub(Protocol):
+    """What :class:`GdbStubSource` needs of a connection to QEMU's gdbstub: :class:`RemoteStub`
+    (our own socket) or the adapter for gdb's connection in :mod:`windump_plugins.gdbscript`."""
+
+    address: str
+    #: Whether attaching stopped a running VM (then closing our own connection resumes it).
+    stopped_running_vm: bool
+
+    def require_qemu(self) -> set[str]: ...
+    def physical_memory(self, mode: int = 1) -> contextlib.AbstractContextManager[None]: ...
+    def monitor(self, command: str) -> str: ...
+    def read_memory(self, address: int, length: int) -> bytes: ...
+    def readinto(self, address: int, buffer: memoryview) -> None: ...
+    def vcpu_registers(self) -> list[dict[str, int]]: ...
+    def detach(self) -> None: ...
+    def close(self) -> None: ...
+
+    @property
+    def connection(self) -> socket.socket | None:
+        """The TCP socket to the stub when there is one, to find the QEMU process at its other end."""
+
+
 class GdbStubSource(MemorySource):
     """Guest physical memory and vCPU registers of a QEMU reached through its gdbstub.
 
@@ -124,6 +148,7 @@ class GdbStubSource(MemorySource):
     ``"packets"`` (``m`` requests through the stub), with ``fast_path_problem`` telling why the fast
     path is not used. ``close()`` restores PhyMemMode and, when the VM was running when we attached
     and ``keep_stopped`` is false, detaches so the guest runs on; a VM found paused stays paused.
+    :meth:`through` reads through a connection someone else holds (gdb's), which is never detached.
     """
 
     def __init__(
@@ -136,8 +161,31 @@ class GdbStubSource(MemorySource):
         packets: bool = False,
         timeout: float = 10.0,
     ) -> None:
-        self.description = f"gdb://{host}:{port}"
+        self._setup(f"gdb://{host}:{port}", header_pa, packets)
         self.keep_stopped = keep_stopped
+        try:
+            self._attach(self._stack.enter_context(RemoteStub(host, port, timeout)), packets)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @classmethod
+    def through(cls, stub: QemuStub, *, description: str, header_pa: int | None = None,
+                packets: bool = False) -> GdbStubSource:
+        """A source reading through ``stub``, which it closes on :meth:`close`; the VM is never resumed."""
+        source = cls.__new__(cls)
+        source._setup(description, header_pa, packets)
+        source.keep_stopped = True
+        source._stack.callback(stub.close)
+        try:
+            source._attach(stub, packets)
+        except BaseException:
+            source._stack.close()
+            raise
+        return source
+
+    def _setup(self, description: str, header_pa: int | None, packets: bool) -> None:
+        self.description = description
         self.header_pa = header_pa
         self.path = "packets"
         self.fast_path_problem: str | None = "not tried (option packets)" if packets else None
@@ -145,23 +193,22 @@ class GdbStubSource(MemorySource):
         self.qemu_pid: int | None = None
         self._process: ProcessMemory | None = None
         self._stack = contextlib.ExitStack()
-        try:
-            self.stub = self._stack.enter_context(RemoteStub(host, port, timeout))
-            if "PhyMemMode" not in self.stub.require_qemu():
-                raise SourceError(f"{self.description}: this QEMU gdbstub offers no PhyMemMode, so it cannot read physical memory (a newer QEMU can)")
-            self._stack.callback(self._leave_vm)
-            self._stack.enter_context(self.stub.physical_memory())
-            regions = parse_mtree(self.stub.monitor("info mtree -f"))
-            if not regions:
-                raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
-            self._region_starts = np.array([start for start, _, _ in regions], dtype=np.uint64)
-            self._region_ends = np.array([end for _, end, _ in regions], dtype=np.uint64)
-            self._ram = _merge(self._region_starts, self._region_ends)
-            if not packets:
-                self._open_fast_path(regions)
-        except BaseException:
-            self._stack.close()
-            raise
+
+    def _attach(self, stub: QemuStub, packets: bool) -> None:
+        """Check it is QEMU, switch to physical memory (restored on close), learn the RAM map."""
+        self.stub = stub
+        if "PhyMemMode" not in stub.require_qemu():
+            raise SourceError(f"{self.description}: this QEMU gdbstub offers no PhyMemMode, so it cannot read physical memory (a newer QEMU can)")
+        self._stack.callback(self._leave_vm)
+        self._stack.enter_context(stub.physical_memory())
+        regions = parse_mtree(stub.monitor("info mtree -f"))
+        if not regions:
+            raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
+        self._region_starts = np.array([start for start, _, _ in regions], dtype=np.uint64)
+        self._region_ends = np.array([end for _, end, _ in regions], dtype=np.uint64)
+        self._ram = _merge(self._region_starts, self._region_ends)
+        if not packets:
+            self._open_fast_path(regions)
 
     def _leave_vm(self) -> None:
         if self.stub.stopped_running_vm and not self.keep_stopped:
@@ -169,9 +216,11 @@ class GdbStubSource(MemorySource):
 
     def _open_fast_path(self, regions: list[tuple[int, int, str]]) -> None:
         """Switch reads to ``/proc/PID/mem`` of QEMU when it is local, mapped and agrees with the stub."""
-        pid = peer_pid(self.stub.connection)
+        connection = self.stub.connection
+        pid = None if connection is None else peer_pid(connection)
         if pid is None:
-            self.fast_path_problem = "QEMU is not a process on this host (or not visible to us)"
+            self.fast_path_problem = ("QEMU is not a process on this host (or not visible to us)" if connection is not None
+                                      else "the connection to the stub is not a TCP socket of this process")
             return
         host_addresses = []
         for start, _, name in regions:
@@ -263,13 +312,10 @@ class GdbStubSource(MemorySource):
 
     def cpus(self) -> list[CpuState]:
         """Registers of each vCPU (gdbstub thread) as the stub reports them; no debug registers."""
-        threads = self.stub.threads()
-        states = []
-        for index, thread in enumerate(threads):
-            registers = self.stub.read_registers(thread)
-            states.append(CpuState(index, {_REGISTER_NAMES.get(name, name): value for name, value in registers.items()}))
-        self.stub.select_thread(threads[0])
-        return states
+        return [
+            CpuState(index, {_REGISTER_NAMES.get(name, name): value for name, value in registers.items()})
+            for index, registers in enumerate(self.stub.vcpu_registers())
+        ]
 
     def close(self) -> None:
         self._stack.close()
