@@ -7,7 +7,9 @@ physical address maps to a file offset through the runs alone; windump uses this
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from typing import NamedTuple
 
 import numpy as np
@@ -36,11 +38,16 @@ class DumpHeader(NamedTuple):
 
 
 def open_dump(path: str | os.PathLike) -> int:
-    """A read-only descriptor of ``path``; SourceError (one line) when it cannot be opened."""
+    """A read-only descriptor of ``path``; SourceError (one line) when it cannot be opened or is a
+    directory (which ``open`` accepts and only the first read refuses)."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise SourceError(f"cannot open {os.fspath(path)}: {exc.strerror}") from exc
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SourceError(f"cannot open {os.fspath(path)}: {os.strerror(errno.EISDIR)}")
+    return fd
 
 
 def read_dump_header(fd: int) -> DumpHeader:

@@ -7,6 +7,8 @@ vectorised, so full dumps, bitmap dumps and driverless headers share them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .errors import FormatError
@@ -85,12 +87,13 @@ def describe_run(index: int, base_page: int, page_count: int) -> str:
     )
 
 
-def check_runs(runs, ram, *, max_runs: int | None = None) -> None:
+def check_runs(runs, ram=None, *, max_runs: int | None = None) -> None:
     """Raise FormatError unless ``runs`` can be dumped from a source with these RAM ranges.
 
-    Runs must be sorted by BasePage, not overlap, hold at least one page, and each lie inside one
-    ``[start, end)`` range of ``ram`` (merged here, so touching RAM blocks count as one). The message
-    names the first offending run and what is wrong with it.
+    Runs must be sorted by BasePage, not overlap, hold at least one page, lie in the 64-bit physical
+    address space and, unless ``ram`` is None, each lie inside one ``[start, end)`` range of ``ram``
+    (merged here, so touching RAM blocks count as one). The message names the first offending run
+    and what is wrong with it.
     """
     runs = _pairs(runs)
     if max_runs is not None and len(runs) > max_runs:
@@ -105,8 +108,26 @@ def check_runs(runs, ram, *, max_runs: int | None = None) -> None:
     previous_base = np.roll(base, 1)
     previous_end = np.roll(end, 1)
 
+    problems = [
+        (count == 0, lambda i: "is empty"),
+        (beyond, lambda i: "lies beyond the 64-bit physical address space"),
+        (has_previous & (base < previous_base),
+         lambda i: f"starts below run {i - 1} (runs must be sorted by BasePage)"),
+        (has_previous & (base < previous_end), lambda i: f"overlaps run {i - 1}"),
+    ]
+    if ram is not None:
+        problems += _ram_problems(base, end, merge_ranges(ram))
+    bad = np.logical_or.reduce([mask for mask, _ in problems])
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    message = next(explain(i) for mask, explain in problems if mask[i])
+    raise FormatError(f"{describe_run(i, int(base[i]), int(count[i]))} {message}")
+
+
+def _ram_problems(base: np.ndarray, end: np.ndarray, ram: np.ndarray) -> list[tuple[np.ndarray, Callable[[int], str]]]:
+    """``(mask, explain)`` rows for runs ``[base, end)`` (in pages) outside the merged ``ram`` ranges."""
     # RAM in whole pages: a run fits when its pages lie inside [first_page, end_page) of one range.
-    ram = merge_ranges(ram)
     page = np.uint64(PAGE_SIZE)
     first_page = (ram[:, 0] + page - np.uint64(1)) // page
     end_page = ram[:, 1] // page
@@ -119,18 +140,7 @@ def check_runs(runs, ram, *, max_runs: int | None = None) -> None:
         start, stop = (int(v) for v in ram[slot[i]])
         return f"runs past the end of RAM range {start:#x}-{stop - 1:#x} (QEMU would write zero pages there)"
 
-    problems = [
-        (count == 0, lambda i: "is empty"),
-        (beyond, lambda i: "lies beyond the 64-bit physical address space"),
-        (has_previous & (base < previous_base),
-         lambda i: f"starts below run {i - 1} (runs must be sorted by BasePage)"),
-        (has_previous & (base < previous_end), lambda i: f"overlaps run {i - 1}"),
+    return [
         (~starts_in_ram, lambda i: "is not in the source's RAM (QEMU would write zero pages there)"),
         (~ends_in_ram, past_ram_end),
     ]
-    bad = np.logical_or.reduce([mask for mask, _ in problems])
-    if not bad.any():
-        return
-    i = int(np.flatnonzero(bad)[0])
-    message = next(explain(i) for mask, explain in problems if mask[i])
-    raise FormatError(f"{describe_run(i, int(base[i]), int(count[i]))} {message}")

@@ -20,7 +20,7 @@ from .errors import FormatError, SourceError, TranslationError
 from .format import DUMP_TYPE_FULL, PAGE_SHIFT, X64, X86, body_size, header_runs
 from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from .paging import AddressSpace
-from .runs import check_runs, runs_to_ranges
+from .runs import check_runs
 
 #: The code selector of the Windows x64 kernel.
 KERNEL_CS64 = 0x10
@@ -42,6 +42,12 @@ PAGE_FILLER = int.from_bytes(b"PAGE", "little")
 NO_KERNEL_CONTEXT = "processor {} has no kernel CONTEXT: WinDbg will show 'Only x86 user-mode context is available'"
 
 FILETIME_EPOCH = datetime.datetime(1601, 1, 1, tzinfo=datetime.timezone.utc)
+#: The last FILETIME Python's datetime can show (the end of 9999), in microseconds since 1601.
+LAST_FILETIME_MICROSECONDS = (datetime.datetime.max.replace(tzinfo=datetime.timezone.utc) - FILETIME_EPOCH) // (
+    datetime.timedelta(microseconds=1))
+
+#: Windows runs on at most 32 processor groups of 64 logical processors.
+MAX_PROCESSORS = 2048
 
 HeaderCheck = Callable[[DumpHeader], list[str]]
 
@@ -74,8 +80,13 @@ def check_machine_image_type(dump: DumpHeader) -> list[str]:
 
 
 def check_number_processors(dump: DumpHeader) -> list[str]:
-    """At least one processor, or WinDbg has no context to show."""
-    return [] if int(dump.header["NumberProcessors"]) else ["NumberProcessors is 0"]
+    """At least one processor, or WinDbg has no context to show, and no more than Windows runs on."""
+    count = int(dump.header["NumberProcessors"])
+    if not count:
+        return ["NumberProcessors is 0"]
+    if count > MAX_PROCESSORS:
+        return [f"NumberProcessors is {count}, more than the {MAX_PROCESSORS} processors Windows runs on"]
+    return []
 
 
 def check_physical_memory_runs(dump: DumpHeader) -> list[str]:
@@ -87,7 +98,7 @@ def check_physical_memory_runs(dump: DumpHeader) -> list[str]:
     if not len(runs):
         return ["PhysicalMemoryBlock holds no runs"]
     try:
-        check_runs(runs, runs_to_ranges(runs), max_runs=dump.format.max_runs)
+        check_runs(runs, max_runs=dump.format.max_runs)
     except FormatError as exc:
         return [str(exc)]
     return []
@@ -235,7 +246,7 @@ def _missing_kernel_context(space: AddressSpace, prcb: int, offset_prcb_context:
 def check_processor_contexts(dump: DumpFile, space: AddressSpace, kdbg: np.ndarray) -> list[str]:
     """Each KiProcessorBlock[i] -> KPRCB + OffsetPrcbContext -> CONTEXT is a kernel-mode AMD64
     CONTEXT, which WinDbg needs to show that processor's registers."""
-    count = int(dump.header["NumberProcessors"])
+    count = min(int(dump.header["NumberProcessors"]), MAX_PROCESSORS)  # more: check_number_processors says so
     block = int(kdbg["KiProcessorBlock"])
     try:
         prcbs = np.frombuffer(space.read(block, 8 * count), dtype="<u8")
@@ -290,6 +301,8 @@ def filetime(value: int) -> str:
     """A FILETIME (100 ns units since 1601) as an ISO 8601 UTC date, or ``not set`` for 0."""
     if not value:
         return "not set"
+    if value // 10 > LAST_FILETIME_MICROSECONDS:
+        return f"{value:#x} (after the year 9999: not a time)"
     moment = FILETIME_EPOCH + datetime.timedelta(microseconds=value // 10)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 

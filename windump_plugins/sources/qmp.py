@@ -169,6 +169,9 @@ class QmpSource(MemorySource):
         self._files: list[tuple[BinaryIO, int] | None] = []
         self._pages: dict[int, bytes] = {}
         self._qmp: QEMUMonitorProtocol | None = None
+        #: Set once the QMP connection is lost: cleanup then has no QEMU to talk to (and must not
+        #: replace the error that told of the loss with one of its own).
+        self._lost = False
         self._stack = contextlib.ExitStack()
         try:
             self._connect()
@@ -253,18 +256,30 @@ class QmpSource(MemorySource):
         try:
             return self._qmp.cmd(command, **arguments)
         except ExecuteError as error:
-            raise SourceError(f"{self.description}: QMP {command} failed: {error.error.desc}") from None
+            raise SourceError(f"{self.description}: QMP {command} failed: {error.error.error.desc}") from None
         except (asyncio.TimeoutError, TimeoutError):
             raise SourceError(f"{self.description}: QEMU gave no answer to {command} within {self.timeout:g} s") from None
         except (QMPError, OSError, EOFError) as error:
+            self._lost = True
             raise SourceError(f"{self.description}: lost the QMP connection during {command} (did QEMU quit?): "
                               f"{error or type(error).__name__}") from None
 
+    def _query(self, command: str, *members: str) -> dict:
+        """QMP ``command``'s reply, checked to be an object holding ``members``."""
+        reply = self.execute(command)
+        missing = [member for member in members if not isinstance(reply, dict) or member not in reply]
+        if missing:
+            raise SourceError(f"{self.description}: QMP {command} answered {str(reply)[:60]}, without {missing[0]!r}")
+        return reply
+
     def _hmp(self, command_line: str) -> str:
-        return self.execute("human-monitor-command", **{"command-line": command_line})
+        text = self.execute("human-monitor-command", **{"command-line": command_line})
+        if not isinstance(text, str):
+            raise SourceError(f"{self.description}: QMP human-monitor-command answered {str(text)[:60]}, not text")
+        return text
 
     def _refuse_active_dump(self) -> None:
-        status = self.execute("query-dump")
+        status = self._query("query-dump", "status", "completed", "total")
         if status["status"] == "active":
             raise SourceError(f"{self.description}: QEMU is already writing a dump ({status['completed']} of "
                               f"{status['total']} bytes); wait for it to finish, then try again")
@@ -272,7 +287,7 @@ class QmpSource(MemorySource):
     # -- pausing ------------------------------------------------------------------------------
 
     def _pause(self) -> None:
-        self.was_running = bool(self.execute("query-status")["running"])
+        self.was_running = bool(self._query("query-status", "running")["running"])
         if self.was_running:
             self.execute("stop")
             self._paused_at = time.monotonic()
@@ -282,7 +297,8 @@ class QmpSource(MemorySource):
             return
         paused_at, self._paused_at = self._paused_at, None
         try:
-            self.execute("cont")
+            if not self._lost:
+                self.execute("cont")
         finally:
             self._paused_for = time.monotonic() - paused_at
 
@@ -305,7 +321,8 @@ class QmpSource(MemorySource):
                     stream.drain()
                 finally:
                     stream.close()
-                    self._wait_dump_end()
+                    if not self._lost:
+                        self._wait_dump_end()
         finally:
             self._resume()
 
@@ -405,7 +422,7 @@ class QmpSource(MemorySource):
     def _wait_dump_end(self) -> None:
         """Wait for QEMU's DUMP_COMPLETED; a failed dump is only an error if we still wanted it."""
         deadline = time.monotonic() + DUMP_END_TIMEOUT
-        while self.execute("query-dump")["status"] == "active":
+        while self._query("query-dump", "status")["status"] == "active":
             if time.monotonic() > deadline:
                 raise SourceError(f"{self.description}: QEMU's dump did not end within {DUMP_END_TIMEOUT:g} s")
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
@@ -413,7 +430,7 @@ class QmpSource(MemorySource):
         self._qmp.clear_events()
 
     def _poll_progress(self) -> None:
-        status = self.execute("query-dump")
+        status = self._query("query-dump", "completed", "total")
         self.qemu_progress = (int(status["completed"]), int(status["total"]))
         if self.progress is not None:
             self.progress(*self.qemu_progress)
@@ -457,7 +474,17 @@ class QmpSource(MemorySource):
         return None
 
     def _process_reader(self, process: ProcessMemory, host: int) -> Callable[[int, memoryview], None]:
-        return lambda offset, view: process.readinto(host + offset, view)
+        def read(offset: int, view: memoryview) -> None:
+            try:
+                process.readinto(host + offset, view)
+            except SourceError:
+                if os.path.exists(f"/proc/{process.pid}/mem") and not _is_zombie(process.pid):
+                    raise
+                self._lost = True  # no QEMU left to resume or to ask anything
+                raise SourceError(f"{self.description}: QEMU (process {process.pid}) quit while its RAM was "
+                                  f"being read") from None
+
+        return read
 
     def _host_addresses(self) -> list[int] | str:
         addresses = []
@@ -616,6 +643,15 @@ class QmpSource(MemorySource):
 
     def cpus(self) -> list[CpuState]:
         return self._cpus
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether process ``pid`` has exited and awaits its parent (its memory is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as status:
+            return status.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _merge(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
