@@ -11,17 +11,19 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 from qemu.qmp import ConnectError, QMPClient
 
 from windump_plugins.errors import SourceError
+from windump_plugins.header import WindumpWarning
 from windump_plugins.plugins import Plugins
 from windump_plugins.procmem import ProcessMemory, peer_pid
 from windump_plugins.rsp import RemoteStub
 from windump_plugins.sources import gdbstub
-from windump_plugins.sources.gdbstub import GdbStubSource, find_notes, parse_location, parse_mtree
+from windump_plugins.sources.gdbstub import GdbStubSource, find_notes, parse_debug_registers, parse_location, parse_mtree
 
 QEMU = shutil.which("qemu-system-x86_64")
 MiB = 1 << 20
@@ -158,6 +160,41 @@ def test_mtree_keeps_only_ram_of_address_space_memory():
         parse_mtree(MTREE.split("FlatView #1")[0])
 
 
+#: HMP ``info registers -a`` as QEMU prints it (abridged): vCPU 0 in long mode with AVX enabled (YMM
+#: lines), vCPU 1 in protected mode (8-digit registers where the target is 32-bit wide), vCPU 2's
+#: block cut before its debug registers.
+INFO_REGISTERS_A = """
+CPU#0
+RAX=0000000000000001 RBX=0000000000000002 RCX=0000000000000003 RDX=0000000000000004
+RIP=fffff80000001000 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+CS =0010 0000000000000000 00000000 00209b00 DPL=0 CS64 [-RA]
+CR0=80050033 CR2=0000000000000000 CR3=00000000001ad000 CR4=000006f8
+DR0=fffff80000008000 DR1=fffff80000008008 DR2=fffff80000008010 DR3=fffff80000008018 \nDR6=00000000ffff0ff0 DR7=0000000000000401
+EFER=0000000000000d01
+FCW=037f FSW=0000 [ST=0] FTW=00 MXCSR=00001f80
+YMM00=0000000000000000 0000000000000000 0123456789abcdef fedcba9876543210
+
+CPU#1
+EAX=00000000 EBX=00000000 ECX=00000000 EDX=00060fb1
+CR0=60000010 CR2=00000000 CR3=00000000 CR4=00000000
+DR0=0000000000000000 DR1=0000000000000000 DR2=0000000000000000 DR3=0000000000000000 \nDR6=00000000ffff0ff0 DR7=0000000000000400
+XMM00=0000000000000000 0000000000000000 XMM01=0000000000000000 0000000000000000
+
+CPU#2
+EAX=00000000 EBX=00000000 ECX=00000000 EDX=00060fb1
+DR0=0000000000000000 DR1=0000000000000000 DR2=0000000000000000
+""".replace("\\n", "\n")
+
+
+def test_debug_registers_from_info_registers():
+    blocks = parse_debug_registers(INFO_REGISTERS_A)
+    assert [index for index, _ in blocks] == [0, 1, 2]
+    assert blocks[0][1] == {"dr0": 0xFFFFF80000008000, "dr1": 0xFFFFF80000008008, "dr2": 0xFFFFF80000008010,
+                            "dr3": 0xFFFFF80000008018, "dr6": 0xFFFF0FF0, "dr7": 0x401}
+    assert blocks[1][1] == {"dr0": 0, "dr1": 0, "dr2": 0, "dr3": 0, "dr6": 0xFFFF0FF0, "dr7": 0x400}
+    assert blocks[2][1] == {}  # DR3, DR6 and DR7 missing: none rather than some
+    assert parse_debug_registers("registers: unsupported option -a\n") == []
+
 def test_location_options():
     assert parse_location("elf:guest.elf") is None
     assert parse_location("gdb://[::1]:1234?keep-stopped&header-pa=0x7fe000") == {
@@ -188,11 +225,14 @@ def test_find_notes_checks_the_whole_header():
 
 
 def test_peer_pid_finds_the_local_listener():
-    script = "import socket,sys; s=socket.create_server(('127.0.0.1',0)); print(s.getsockname()[1], flush=True); s.accept()[0].recv(1)"
+    # The accepted socket is in the server's file table only once accept() returned: it says when.
+    script = ("import socket,sys; s=socket.create_server(('127.0.0.1',0)); print(s.getsockname()[1], flush=True); "
+              "c=s.accept()[0]; print('accepted', flush=True); c.recv(1)")
     server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline())
         with socket.create_connection(("127.0.0.1", port)) as connection:
+            assert server.stdout.readline() == "accepted\n"
             assert peer_pid(connection) == server.pid
     finally:
         server.kill()
@@ -334,6 +374,32 @@ def test_registers_of_two_vcpus(qemu):
         assert (registers["cs"], registers["rip"], registers["cr0"], registers["rflags"]) == (0xF000, 0xFFF0, 0x60000010, 2)
         assert {"fs_base", "gs_base", "cr3", "cr4", "efer", "r15", "xmm15"} <= registers.keys()
 
+
+
+@pytest.mark.qemu
+def test_debug_registers_come_from_hmp(qemu, monkeypatch):
+    """The stub has no debug registers: HMP's are merged in, at the architectural reset values
+    (DR6 0xFFFF0FF0, DR7 0x400), and the monitor's selected CPU is left as it was."""
+    with GdbStubSource("127.0.0.1", qemu.port) as source:
+        assert not any(register.name.startswith("dr") for register in source.stub.registers())
+        source.stub.monitor("cpu 1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cpus = source.cpus()
+        assert [(cpu.registers["dr0"], cpu.registers["dr3"], cpu.registers["dr6"], cpu.registers["dr7"])
+                for cpu in cpus] == [(0, 0, 0xFFFF0FF0, 0x400)] * 2
+        assert "* CPU #1" in source.stub.monitor("info cpus")
+        source.stub.monitor("cpu 0")
+        monkeypatch.setattr(source.stub, "monitor", lambda command: INFO_REGISTERS_A.split("CPU#1")[0])
+        with pytest.warns(WindumpWarning, match=r'HMP "info registers -a" shows 1 vCPUs, the stub 2: no processor CONTEXT'):
+            cpus = source.cpus()
+        assert not any(name.startswith("dr") for cpu in cpus for name in cpu.registers)
+        assert cpus[1].registers["cs"] == 0xF000  # the stub's registers are still there
+        cpu1 = "CPU#1" + INFO_REGISTERS_A.split("CPU#1")[1].split("CPU#2")[0]
+        monkeypatch.setattr(source.stub, "monitor", lambda command: "CPU#0\nRAX=0\n" + cpu1)
+        with pytest.warns(WindumpWarning, match="shows no DR0-3, DR6 and DR7 for vCPU 0: its CONTEXT"):
+            cpus = source.cpus()
+        assert "dr7" not in cpus[0].registers and cpus[1].registers["dr7"] == 0x400
 
 @pytest.mark.qemu
 def test_vmcoreinfo_is_found_in_ram(qemu, monkeypatch):

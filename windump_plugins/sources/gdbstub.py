@@ -12,6 +12,7 @@ import contextlib
 import re
 import socket
 import urllib.parse
+import warnings
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -19,9 +20,11 @@ import numpy as np
 
 from ..errors import SourceError
 from ..format import PAGE_SIZE, SIGNATURE, VALID_DUMP32, VALID_DUMP64
+from ..header import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
 from ..procmem import ProcessMemory, peer_pid
 from ..rsp import RemoteStub
+from ..runs import merge_ranges
 from ..source import CpuState, MemorySource
 
 #: The ELF note header the guest driver puts before its dump header: namesz, descsz, type, name.
@@ -38,10 +41,18 @@ SCAN_CHUNK = 16 << 20
 #: gdb register names that CpuState spells differently.
 _REGISTER_NAMES = {"eflags": "rflags", "k_gs_base": "kernel_gs_base"}
 
+#: The CONTEXT's debug registers: QEMU's x86 gdbstub offers none of them, HMP ``info registers`` all.
+DEBUG_REGISTERS = ("dr0", "dr1", "dr2", "dr3", "dr6", "dr7")
+
+#: HMP command showing every vCPU's registers, each block opened by ``CPU#N`` (QEMU's CPU index).
+INFO_REGISTERS = "info registers -a"
+
 _OPTIONS = ("keep-stopped", "header-pa", "packets", "timeout")
 
 _FLATVIEW_ENTRY = re.compile(r"^ +([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([\w/-]+)\): (.*)$", re.M)
 _HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")
+_HMP_CPU = re.compile(r"^CPU#(\d+)[ \t]*$", re.M)
+_HMP_DEBUG_REGISTER = re.compile(r"\bDR([0-7])=([0-9a-fA-F]+)\b")
 
 
 def parse_mtree(text: str) -> list[tuple[int, int, str]]:
@@ -56,6 +67,21 @@ def parse_mtree(text: str) -> list[tuple[int, int, str]]:
                 if kind == "ram"
             ]
     raise SourceError('"info mtree -f" shows no flat view of address space "memory"')
+
+
+def parse_debug_registers(text: str) -> list[tuple[int, dict[str, int]]]:
+    """``(CPU index, registers)`` of each vCPU block of HMP ``info registers -a``, in QEMU's CPU
+    order, ``registers`` holding DR0-3, DR6 and DR7, or empty when the block lacks any of them.
+
+    QEMU prints them 16 digits wide in long mode and register-wide otherwise; a YMM or ZMM dump
+    instead of XMM, or lines added by a later QEMU, change nothing here.
+    """
+    blocks = _HMP_CPU.split(text)[1:]
+    parsed = []
+    for index, block in zip(blocks[::2], blocks[1::2]):
+        registers = {f"dr{number}": int(value, 16) for number, value in _HMP_DEBUG_REGISTER.findall(block)}
+        parsed.append((int(index), registers if set(DEBUG_REGISTERS) <= registers.keys() else {}))
+    return parsed
 
 
 def parse_note(data: bytes) -> int | None:
@@ -206,7 +232,7 @@ class GdbStubSource(MemorySource):
             raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
         self._region_starts = np.array([start for start, _, _ in regions], dtype=np.uint64)
         self._region_ends = np.array([end for _, end, _ in regions], dtype=np.uint64)
-        self._ram = _merge(self._region_starts, self._region_ends)
+        self._ram = merge_ranges(np.stack([self._region_starts, self._region_ends], axis=1))
         if not packets:
             self._open_fast_path(regions)
 
@@ -311,22 +337,37 @@ class GdbStubSource(MemorySource):
         return None
 
     def cpus(self) -> list[CpuState]:
-        """Registers of each vCPU (gdbstub thread) as the stub reports them; no debug registers."""
+        """Registers of each vCPU (gdbstub thread) as the stub reports them, with the debug
+        registers from HMP (see :meth:`debug_registers`)."""
+        states = self.stub.vcpu_registers()
+        debug = self.debug_registers(len(states))
         return [
-            CpuState(index, {_REGISTER_NAMES.get(name, name): value for name, value in registers.items()})
-            for index, registers in enumerate(self.stub.vcpu_registers())
+            CpuState(index, {**debug[index], **{_REGISTER_NAMES.get(name, name): value for name, value in registers.items()}})
+            for index, registers in enumerate(states)
         ]
+
+    def debug_registers(self, count: int) -> list[dict[str, int]]:
+        """DR0-3, DR6 and DR7 of each of the ``count`` vCPUs, from HMP ``info registers -a``.
+
+        QEMU's x86 gdbstub has no debug registers. One monitor command gives every vCPU's, and
+        leaves alone the monitor's selected CPU (``cpu N``), which QEMU keeps for every later gdb
+        connection. Both HMP and the stub's thread list go in QEMU's CPU order. A vCPU whose block
+        is missing or lacks a register gets none, with a warning: its CONTEXT then declares no
+        debug registers rather than wrong ones.
+        """
+        blocks = parse_debug_registers(self.stub.monitor(INFO_REGISTERS))
+        if len(blocks) != count:
+            warnings.warn(f"{self.description}: HMP \"{INFO_REGISTERS}\" shows {len(blocks)} vCPUs, the stub {count}: "
+                          f"no processor CONTEXT carries debug registers", WindumpWarning, stacklevel=3)
+            return [{}] * count
+        missing = [str(index) for index, registers in blocks if not registers]
+        if missing:
+            warnings.warn(f"{self.description}: HMP \"{INFO_REGISTERS}\" shows no DR0-3, DR6 and DR7 for vCPU "
+                          f"{', '.join(missing)}: its CONTEXT carries no debug registers", WindumpWarning, stacklevel=3)
+        return [registers for _, registers in blocks]
 
     def close(self) -> None:
         self._stack.close()
-
-
-def _merge(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """``(N, 2)`` ranges with touching neighbours joined."""
-    breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
-    first = np.concatenate([[0], breaks])
-    last = np.concatenate([breaks - 1, [len(starts) - 1]])
-    return np.stack([starts[first], ends[last]], axis=1).astype(np.uint64)
 
 
 @hookimpl
