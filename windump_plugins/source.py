@@ -91,15 +91,18 @@ class MemorySource(abc.ABC):
 
     def check_range(self, address: int, length: int) -> None:
         """Raise SourceError unless ``[address, address + length)`` lies inside one RAM range."""
-        ram = self.ram
-        i = int(np.searchsorted(ram[:, 0], np.uint64(address), side="right")) - 1
-        if length < 0 or i < 0 or address + length > int(ram[i, 1]):
-            raise SourceError(
-                f"{self.description or 'source'}: physical range {address:#x}-{address + length:#x} is not in guest RAM"
-            )
+        check_in_ram(self.ram, address, length, self.description or "source")
 
     def __enter__(self) -> MemorySource:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def check_in_ram(ram: np.ndarray, address: int, length: int, description: str) -> None:
+    """Raise SourceError unless ``[address, address + length)`` lies inside one of the sorted
+    ``[start, end)`` ``ram`` ranges."""
+    i = int(np.searchsorted(ram[:, 0], np.uint64(address), side="right")) - 1
+    if length < 0 or i < 0 or address + length > int(ram[i, 1]):
+        raise SourceError(f"{description}: physical range {address:#x}-{address + length:#x} is not in guest RAM")

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..elfnotes import cpu_states, parse_notes, vmcoreinfo_note
 from ..errors import FormatError, SourceError
+from ..filemap import FileMap
 from ..format import layout
 from ..hookspecs import SourceKind, hookimpl
 from ..source import CpuState, FileExtent, MemorySource
@@ -197,44 +198,17 @@ class ElfSource(MemorySource):
                              f"{int(offset[j]) + int(start[i]) - int(start[j]):#x}")
         first = np.flatnonzero(~overlaps)
         last = np.append(first[1:], start.size) - 1
-        self._piece_start = start[first]
-        self._piece_end = reach[last]
-        self._piece_offset = offset[first]
-        joins = np.flatnonzero(self._piece_start[1:] != self._piece_end[:-1]) + 1
-        ram = np.stack([self._piece_start[np.append(0, joins)], self._piece_end[np.append(joins - 1, -1)]], axis=1)
-        ram.flags.writeable = False
-        self._ram = ram
+        self._memory = FileMap(self._file, start[first], reach[last], offset[first], self.description)
 
     @property
     def ram(self) -> np.ndarray:
-        return self._ram
-
-    def _extents(self, address: int, length: int) -> list[tuple[int, int]]:
-        """``(file offset, length)`` pieces of a range that :meth:`check_range` accepted."""
-        self.check_range(address, length)
-        i = int(np.searchsorted(self._piece_start, np.uint64(address), side="right")) - 1
-        extents = []
-        while length > 0:
-            n = min(length, int(self._piece_end[i]) - address)
-            extents.append((int(self._piece_offset[i]) + address - int(self._piece_start[i]), n))
-            address, length, i = address + n, length - n, i + 1
-        return extents
+        return self._memory.ram
 
     def readinto(self, address: int, buffer: memoryview) -> None:
-        view = memoryview(buffer).cast("B")
-        position = 0
-        for offset, length in self._extents(address, len(view)):
-            done = 0
-            while done < length:
-                n = os.preadv(self._file.fileno(), [view[position + done:position + length]], offset + done)
-                if n == 0:
-                    raise SourceError(f"{self.description}: the file ended at offset {offset + done:#x} while "
-                                      f"reading physical {address:#x}-{address + len(view):#x} (was it truncated?)")
-                done += n
-            position += length
+        self._memory.readinto(address, buffer)
 
     def file_extents(self, address: int, length: int) -> list[FileExtent]:
-        return [FileExtent(self._file, offset, n) for offset, n in self._extents(address, length)]
+        return self._memory.extents(address, length)
 
     def vmcoreinfo(self) -> bytes | None:
         return self._vmcoreinfo

@@ -7,7 +7,7 @@ bytes by MAPFILE, one ``GUEST_PHYS_START GUEST_PHYS_END FILE_OFFSET`` line (hex)
 without it the source scans guest RAM for the note once, when windump first asks for it.
 
 This module uses only windump's public plugin API: :mod:`windump_plugins.hookspecs`,
-:mod:`windump_plugins.source` and :mod:`windump_plugins.errors`.
+:mod:`windump_plugins.source`, :mod:`windump_plugins.filemap` and :mod:`windump_plugins.errors`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 from windump_plugins.errors import FormatError, SourceError
+from windump_plugins.filemap import FileMap
 from windump_plugins.hookspecs import SourceKind, hookimpl
 from windump_plugins.source import FileExtent, MemorySource
 
@@ -117,12 +118,7 @@ class RawSource(MemorySource):
         except BaseException:
             self._file.close()
             raise
-        self._block_start, self._block_end, self._block_offset = blocks.T.copy()
-        # RAM ranges: blocks that touch in guest-physical space read as one range.
-        joins = np.flatnonzero(self._block_start[1:] != self._block_end[:-1]) + 1
-        ram = np.stack([self._block_start[np.r_[0, joins]], self._block_end[np.r_[joins - 1, -1]]], axis=1)
-        ram.flags.writeable = False
-        self._ram = ram
+        self._memory = FileMap(self._file, *blocks.T, self.description)
         self._scanned = note_path is not None
 
     def _read_note(self, note_path: str) -> bytes:
@@ -134,34 +130,13 @@ class RawSource(MemorySource):
 
     @property
     def ram(self) -> np.ndarray:
-        return self._ram
-
-    def _extents(self, address: int, length: int) -> list[tuple[int, int]]:
-        """``(file offset, length)`` pieces of a guest range, one per map block it touches."""
-        self.check_range(address, length)
-        i = int(np.searchsorted(self._block_start, np.uint64(address), side="right")) - 1
-        extents = []
-        while length > 0:
-            n = min(length, int(self._block_end[i]) - address)
-            extents.append((int(self._block_offset[i]) + address - int(self._block_start[i]), n))
-            address, length, i = address + n, length - n, i + 1
-        return extents
+        return self._memory.ram
 
     def readinto(self, address: int, buffer: memoryview) -> None:
-        view = memoryview(buffer).cast("B")
-        position = 0
-        for offset, length in self._extents(address, len(view)):
-            done = 0
-            while done < length:
-                n = os.preadv(self._file.fileno(), [view[position + done:position + length]], offset + done)
-                if n == 0:
-                    raise SourceError(f"{self.description}: the image ended at offset {offset + done:#x} "
-                                      f"(did it shrink while windump read it?)")
-                done += n
-            position += length
+        self._memory.readinto(address, buffer)
 
     def file_extents(self, address: int, length: int) -> list[FileExtent]:
-        return [FileExtent(self._file, offset, n) for offset, n in self._extents(address, length)]
+        return self._memory.extents(address, length)
 
     def vmcoreinfo(self) -> bytes | None:
         """The note from ``note=``, or else the first one found in RAM (scanned once, on demand)."""
@@ -173,7 +148,8 @@ class RawSource(MemorySource):
         return self._note
 
     def _range_end(self, address: int) -> int:
-        return int(self._ram[np.searchsorted(self._ram[:, 0], np.uint64(address), side="right") - 1, 1])
+        ram = self.ram
+        return int(ram[np.searchsorted(ram[:, 0], np.uint64(address), side="right") - 1, 1])
 
     def close(self) -> None:
         self._file.close()
