@@ -1,7 +1,7 @@
 """Guest physical memory laid out in pieces of one file: the lookup every file-backed source shares.
 
 A file format (a QEMU ELF, a raw image with a RAM map) only says where each piece of guest memory
-lies in its file; :class:`FileMap` answers reads with ``preadv`` straight into the caller's buffer
+lies in its file (:class:`FileMapSource` does the rest); :class:`FileMap` answers reads with ``preadv`` straight into the caller's buffer
 and tells the writer the file extents so it can copy them in the kernel. Third-party plugins may use
 it too.
 """
@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import SourceError
-from .source import FileExtent, check_in_ram
+from .source import FileExtent, MemorySource, check_in_ram
 
 
 class FileMap:
@@ -60,3 +60,20 @@ class FileMap:
                                       f"reading physical {address:#x}-{address + len(view):#x} (was it truncated?)")
                 done += n
             position += length
+
+
+class FileMapSource(MemorySource):
+    """A memory source whose RAM is a :class:`FileMap`: subclasses set ``self.memory`` and add notes,
+    registers and ``close``."""
+
+    memory: FileMap
+
+    @property
+    def ram(self) -> np.ndarray:
+        return self.memory.ram
+
+    def readinto(self, address: int, buffer: memoryview) -> None:
+        self.memory.readinto(address, buffer)
+
+    def file_extents(self, address: int, length: int) -> list[FileExtent]:
+        return self.memory.extents(address, length)

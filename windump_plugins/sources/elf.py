@@ -18,10 +18,10 @@ import numpy as np
 
 from ..elfnotes import cpu_states, parse_notes, vmcoreinfo_note
 from ..errors import FormatError, SourceError
-from ..filemap import FileMap
+from ..filemap import FileMap, FileMapSource
 from ..format import layout
 from ..hookspecs import SourceKind, hookimpl
-from ..source import CpuState, FileExtent, MemorySource
+from ..source import CpuState, MemorySource
 
 ELFMAG = b"\x7fELF"
 EI_NIDENT = 16
@@ -81,7 +81,7 @@ ELF_CLASSES = {
 MACHINES = {EM_X86_64: "x86-64", EM_386: "i386"}
 
 
-class ElfSource(MemorySource):
+class ElfSource(FileMapSource):
     """Guest physical memory as a QEMU ``dump-guest-memory`` ELF file holds it."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -198,17 +198,7 @@ class ElfSource(MemorySource):
                              f"{int(offset[j]) + int(start[i]) - int(start[j]):#x}")
         first = np.flatnonzero(~overlaps)
         last = np.append(first[1:], start.size) - 1
-        self._memory = FileMap(self._file, start[first], reach[last], offset[first], self.description)
-
-    @property
-    def ram(self) -> np.ndarray:
-        return self._memory.ram
-
-    def readinto(self, address: int, buffer: memoryview) -> None:
-        self._memory.readinto(address, buffer)
-
-    def file_extents(self, address: int, length: int) -> list[FileExtent]:
-        return self._memory.extents(address, length)
+        self.memory = FileMap(self._file, start[first], reach[last], offset[first], self.description)
 
     def vmcoreinfo(self) -> bytes | None:
         return self._vmcoreinfo

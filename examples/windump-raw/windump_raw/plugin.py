@@ -18,9 +18,9 @@ import struct
 import numpy as np
 
 from windump_plugins.errors import FormatError, SourceError
-from windump_plugins.filemap import FileMap
+from windump_plugins.filemap import FileMap, FileMapSource
 from windump_plugins.hookspecs import SourceKind, hookimpl
-from windump_plugins.source import FileExtent, MemorySource
+from windump_plugins.source import MemorySource
 
 SCHEME = "raw:"
 
@@ -98,7 +98,7 @@ def find_vmcoreinfo(source: MemorySource, chunk_size: int = SCAN_CHUNK) -> int |
     return None
 
 
-class RawSource(MemorySource):
+class RawSource(FileMapSource):
     """Guest RAM in a flat file, placed by a RAM map (or from physical 0 without one)."""
 
     def __init__(self, path: str, map_path: str | None = None, note_path: str | None = None,
@@ -118,7 +118,7 @@ class RawSource(MemorySource):
         except BaseException:
             self._file.close()
             raise
-        self._memory = FileMap(self._file, *blocks.T, self.description)
+        self.memory = FileMap(self._file, *blocks.T, self.description)
         self._scanned = note_path is not None
 
     def _read_note(self, note_path: str) -> bytes:
@@ -127,16 +127,6 @@ class RawSource(MemorySource):
                 return file.read()
         except OSError as error:
             raise SourceError(f"{self.description}: cannot read note file {note_path}: {error.strerror}") from None
-
-    @property
-    def ram(self) -> np.ndarray:
-        return self._memory.ram
-
-    def readinto(self, address: int, buffer: memoryview) -> None:
-        self._memory.readinto(address, buffer)
-
-    def file_extents(self, address: int, length: int) -> list[FileExtent]:
-        return self._memory.extents(address, length)
 
     def vmcoreinfo(self) -> bytes | None:
         """The note from ``note=``, or else the first one found in RAM (scanned once, on demand)."""
