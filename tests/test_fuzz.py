@@ -134,7 +134,6 @@ def test_verify_and_info_of_a_damaged_dump_header(tmp_path_factory, changes):
             pass
 
 
-@pytest.mark.xfail(strict=True, reason="bug: rsp.decode indexes past the body on a trailing '}' or '*'")
 @FUZZ
 @given(st.binary(max_size=256))
 @example(b"}")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -21,7 +23,7 @@ from windump_plugins.errors import SourceError
 from windump_plugins.header import WindumpWarning
 from windump_plugins.plugins import Plugins
 from windump_plugins.procmem import ProcessMemory, peer_pid
-from windump_plugins.rsp import RemoteStub
+from windump_plugins.rsp import RemoteStub, frame
 from windump_plugins.sources import gdbstub
 from windump_plugins.sources.gdbstub import GdbStubSource, find_notes, parse_debug_registers, parse_location, parse_mtree
 
@@ -457,3 +459,166 @@ def test_dropped_connection_is_a_source_error(qemu):
             source.read(0x100000, 0x100000)
         with contextlib.suppress(SourceError):
             source.close()
+
+
+# --- leaving QEMU as found when the connection fails (a scripted stub, no QEMU needed) -------------
+
+class PersistentStub:
+    """QEMU's gdbstub as far as the ``gdb://`` source needs it, on 127.0.0.1, serving connections
+    one after another with QEMU's global state (PhyMemMode, running) kept across them.
+    ``drop_after`` hangs up the first connection at that ``m`` request; ``connections`` limits
+    how many are accepted."""
+
+    FRAME = re.compile(rb"\$([^#]*)#[0-9a-f]{2}")
+
+    def __init__(self, *, running: bool, drop_after: int | None = None, connections: int = 2) -> None:
+        self.phy_mem_mode, self.running, self.drop_after = 0, running, drop_after
+        self.accepted, self.reads = 0, 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, args=(connections,), daemon=True)
+        self._thread.start()
+
+    def _serve(self, connections: int) -> None:
+        with self._server, contextlib.suppress(OSError):  # closed by the test: no more connections
+            for _ in range(connections):
+                connection, _ = self._server.accept()
+                self.accepted += 1
+                greeting, self.running = self.running, False  # attaching stops a running VM
+                with connection, contextlib.suppress(OSError):
+                    self._talk(connection, greeting)
+
+    def _talk(self, connection: socket.socket, greeting: bool) -> None:
+        if greeting:
+            connection.sendall(frame(b"T02thread:p01.01;"))
+        received = b""
+        while True:
+            while (match := self.FRAME.search(received)) is None:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                received += chunk
+            received = received[match.end():]
+            reply = self._answer(match[1])
+            if reply is None:
+                return
+            connection.sendall(b"+" + reply)
+
+    def _answer(self, payload: bytes) -> bytes | None:
+        if payload.startswith(b"m"):
+            self.reads += 1
+            if self.reads == self.drop_after:
+                return None
+            address, length = (int(x, 16) for x in payload[1:].split(b","))
+            return frame(b"00" * length)
+        if payload.startswith(b"qRcmd,"):
+            mtree = 'FlatView #0\n AS "memory", root: system\n  0000000000000000-00000000003fffff (prio 0, ram): pc.ram\n'
+            return frame(b"O" + mtree.encode().hex().encode()) + frame(b"OK")
+        if payload.startswith(b"Qqemu.PhyMemMode:"):
+            self.phy_mem_mode = int(payload.split(b":")[1])
+            return frame(b"OK")
+        if payload.startswith(b"D"):
+            self.running = True
+            return frame(b"OK")
+        return frame({
+            b"qSupported": b"PacketSize=1000;qXfer:features:read+",
+            b"qqemu.Supported": b"sstepbits;sstep;PhyMemMode",
+            b"qqemu.PhyMemMode": b"%d" % self.phy_mem_mode,
+            b"qfThreadInfo": b"mp01.01",
+            b"qsThreadInfo": b"l",
+        }.get(payload.split(b":")[0], b""))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes a pending accept (Linux)
+        self._thread.join(5)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def persistent_stub():
+    stubs = []
+
+    def start(**options) -> PersistentStub:
+        stubs.append(PersistentStub(**options))
+        return stubs[-1]
+
+    yield start
+    for stub in stubs:
+        stub.close()
+
+
+def test_lost_connection_restores_phymemmode_and_resumes_over_a_fresh_one(persistent_stub):
+    stub = persistent_stub(running=True, drop_after=40)
+    source = GdbStubSource("127.0.0.1", stub.port, packets=True)
+    assert (stub.phy_mem_mode, source.stub.stopped_running_vm) == (1, True)
+    with pytest.raises(SourceError, match="the stub closed the connection|connection lost"):
+        source.read(0, 0x100000)
+    source.close()
+    assert (stub.accepted, stub.phy_mem_mode, stub.running) == (2, 0, True)
+
+
+def test_failed_reconnection_is_in_the_error(persistent_stub):
+    stub = persistent_stub(running=False, drop_after=40, connections=1)
+    source = GdbStubSource("127.0.0.1", stub.port, packets=True)
+    with pytest.raises(SourceError):
+        source.read(0, 0x100000)
+    with pytest.raises(SourceError, match=r"^gdb://127\.0\.0\.1:\d+: .*; PhyMemMode may be left at 1 for the next "
+                                          r"debugger \(reconnecting failed: gdb://127\.0\.0\.1:\d+: (cannot connect|connection lost)"):
+        source.close()
+    assert stub.phy_mem_mode == 1
+
+
+def test_ctrl_c_mid_read_restores_phymemmode_over_the_same_connection(persistent_stub, monkeypatch):
+    stub = persistent_stub(running=False)
+    parse = RemoteStub._parse_memory_replies
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return parse(self, *args)
+
+    source = GdbStubSource("127.0.0.1", stub.port, packets=True)
+    monkeypatch.setattr(RemoteStub, "_parse_memory_replies", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        source.read(0, 0x100000)
+    monkeypatch.undo()
+    source.close()
+    assert (stub.accepted, stub.phy_mem_mode, stub.running) == (1, 0, False)
+
+
+def test_ctrl_c_with_a_broken_connection_warns_instead_of_hiding_it(persistent_stub, monkeypatch):
+    stub = persistent_stub(running=False, connections=1)
+    source = GdbStubSource("127.0.0.1", stub.port, packets=True)
+    monkeypatch.setattr(RemoteStub, "_resynchronize", lambda self: (_ for _ in ()).throw(SourceError("out of step")))
+    monkeypatch.setattr(RemoteStub, "_parse_memory_replies", lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        source.read(0, 0x100000)
+    with pytest.warns(WindumpWarning, match=r"^out of step; PhyMemMode may be left at 1"):
+        source.close()
+
+
+def test_a_reply_that_never_ends_is_cut_off():
+    """A peer streaming bytes with no ``#`` must not grow the receive buffer without bound."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def serve():
+            connection, _ = server.accept()
+            with connection, contextlib.suppress(OSError):
+                connection.recv(65536)
+                connection.sendall(b"+" + frame(b"PacketSize=100"))
+                connection.recv(65536)
+                connection.sendall(b"+$")
+                while True:
+                    connection.sendall(b"0" * 65536)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with RemoteStub("127.0.0.1", server.getsockname()[1], timeout=5) as remote:
+            limit = 2 * 0x100 * 64 + (64 << 10)
+            assert remote.max_reply == limit
+            with pytest.raises(SourceError, match=rf"a reply ran past {limit} bytes without ending"):
+                remote.command(b"qC")
+            assert len(remote._received) <= limit + (1 << 20)  # one receive past the limit at most
+        thread.join(5)

@@ -429,3 +429,19 @@ def test_pages_without_overlays_keep_the_kernel_copy(tmp_path, monkeypatch):
                                                                      real_readinto(address, buffer))[-1])
     write_dump(tmp_path / "guest.dmp", dump_header(), RUNS, source, overlays=[(0x150010, b"zz")])
     assert read == [(0x150000, PAGE_SIZE)]
+
+
+def test_writeback_starts_early_only_for_sources_that_pause_no_guest(tmp_path, small_chunks, monkeypatch):
+    """File sources get each chunk's writeback started at once (a shorter final fsync); a live
+    source's reads stay short, with writeback left to the end."""
+    started = []
+    monkeypatch.setattr(writer, "_start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    write_dump(tmp_path / "file.dmp", dump_header(), RUNS, MemoryGuest())
+    assert sum(length for _, length in started) == X64.size + body_size(RUNS)
+    assert sorted(started)[0] == (0, X64.size)
+
+    started.clear()
+    live = MemoryGuest()
+    live.live = True
+    write_dump(tmp_path / "live.dmp", dump_header(), RUNS, live)
+    assert started == []

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import functools
 import re
+import select
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +31,9 @@ READ_WINDOW = 64
 #: A stop reply (``T05thread:01;``, ``S05``): QEMU sends one unasked when attaching stops a running VM.
 _STOP_REPLY = re.compile(rb"[TS][0-9a-fA-F]{2}")
 
+#: The thread ids of a ``qfThreadInfo`` reply after its ``m``: ``1,2`` or, multiprocess, ``p1.1,p1.2``.
+_THREAD_IDS = re.compile(rb"[0-9a-fA-Fp.,-]+")
+
 #: ASCII code -> value of a hex digit (0x100, never a checksum, for anything else).
 _HEX_VALUE = np.full(256, 0x100, dtype=np.uint16)
 for _digit in b"0123456789abcdefABCDEF":
@@ -38,6 +44,21 @@ RECEIVE_BUFFER = 4 << 20
 
 #: PacketSize assumed when the stub does not say (the protocol's historical 400 bytes).
 DEFAULT_PACKET_SIZE = 400
+
+#: The smallest PacketSize we accept: below it not even our own queries fit.
+MIN_PACKET_SIZE = 0x40
+
+#: PacketSize larger offers are cut to (QEMU offers 0x1000; gdb itself caps at 0x4000).
+MAX_PACKET_SIZE = 0x10000
+
+#: Bytes a reply may take beyond a window of ``m`` replies before we give up on it ever ending.
+REPLY_SLACK = 64 << 10
+
+#: After an interrupted exchange, the stub has answered everything once it is this long silent (s).
+QUIET_SECONDS = 0.25
+
+#: And it must fall silent within this long (s).
+RESYNC_SECONDS = 2.0
 
 
 def checksum(payload: bytes) -> int:
@@ -70,14 +91,17 @@ def _read_request(address: int, length: int) -> bytes:
     return b"$%s#%02x" % (body, sum(body) & 0xFF)
 
 
-def decode(body: bytes) -> bytes:
-    """A received packet body with escapes undone and run lengths (``X*n``: ``n - 29`` more ``X``) expanded."""
+def decode(body: bytes, origin: str = "gdbstub") -> bytes:
+    """A received packet body with escapes undone and run lengths (``X*n``: ``n - 29`` more ``X``)
+    expanded; ``origin`` starts the message of a body cut inside either."""
     if b"}" not in body and b"*" not in body:
         return bytes(body)
     out = bytearray()
     i = 0
     while i < len(body):
         byte = body[i]
+        if byte in b"}*" and i + 1 == len(body):
+            raise SourceError(f"{origin}: reply ends inside an escape or run length")
         if byte == 0x7D:
             out.append(body[i + 1] ^ 0x20)
             i += 2
@@ -216,7 +240,7 @@ class QemuQueries:
             raise SourceError(
                 f"gdb://{self.address}: not a QEMU gdbstub (no reply to qqemu.Supported); windump needs QEMU's physical-memory mode"
             )
-        return set(reply.decode().split(";"))
+        return set(reply.decode("ascii", "replace").split(";"))
 
     def phy_mem_mode(self) -> int:
         """QEMU's ``PhyMemMode``: 1 when ``m`` reads guest physical memory, 0 for virtual."""
@@ -252,6 +276,24 @@ class QemuQueries:
             self.set_phy_mem_mode(previous)
 
 
+def _exchange(method):
+    """Mark the connection out of step when anything but a SourceError (Ctrl-C above all) leaves
+    ``method`` midway: its counts of replies in flight and acks owed may then be wrong, and
+    :meth:`RemoteStub._drain` resynchronizes before the next request."""
+
+    @functools.wraps(method)
+    def exchange(self: RemoteStub, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except SourceError:
+            raise
+        except BaseException:
+            self._out_of_step = True
+            raise
+
+    return exchange
+
+
 class RemoteStub(QemuQueries):
     """A connection to a gdbstub; every failure is a one-line SourceError naming ``host:port``.
 
@@ -278,6 +320,10 @@ class RemoteStub(QemuQueries):
         self._received = bytearray()
         self._pending = 0  # replies to requests we sent and have not read yet
         self._acks = 0  # replies read and not yet acked
+        #: Whether an exchange was interrupted midway, so the two counts above cannot be trusted.
+        self._out_of_step = False
+        #: Why the connection is unusable (lost, silent, garbled): later requests fail with it at once.
+        self._broken: str | None = None
         self.no_ack = False
         #: Whether the VM was running when we attached: QEMU then sends an unasked stop reply
         #: before any other, so it is known once the first request has been answered.
@@ -301,7 +347,10 @@ class RemoteStub(QemuQueries):
     def _use_features(self, features: dict[str, str]) -> None:
         self.features = features
         if "PacketSize" in features:
-            self.packet_size = int(features["PacketSize"], 16)
+            size = features["PacketSize"]
+            if not re.fullmatch(r"[0-9a-fA-F]{1,8}", size) or int(size, 16) < MIN_PACKET_SIZE:
+                raise SourceError(f"gdb://{self.address}: bad PacketSize {size[:20]!r} in qSupported")
+            self.packet_size = min(int(size, 16), MAX_PACKET_SIZE)
 
     def _negotiate(self) -> None:
         """``qSupported``: learn PacketSize, and switch acks off when the stub offers it."""
@@ -314,6 +363,12 @@ class RemoteStub(QemuQueries):
 
     # --- wire -----------------------------------------------------------------------------------
 
+    def _break(self, message: str) -> SourceError:
+        """The error for a connection that cannot be used again, kept so later requests fail at once
+        (and closing does not wait a timeout again) instead of reading garbage."""
+        self._broken = message
+        return SourceError(message)
+
     def _send(self, data: bytes) -> None:
         if self._acks and not self.no_ack:
             data = b"+" * self._acks + data
@@ -321,11 +376,21 @@ class RemoteStub(QemuQueries):
         try:
             self._socket.sendall(data)
         except socket.timeout:
-            raise SourceError(f"gdb://{self.address}: the stub stopped accepting data for {self.timeout:g} s") from None
+            raise self._break(f"gdb://{self.address}: the stub stopped accepting data for {self.timeout:g} s") from None
         except OSError as error:
-            raise SourceError(f"gdb://{self.address}: connection lost: {error.strerror or error}") from None
+            raise self._break(f"gdb://{self.address}: connection lost: {error.strerror or error}") from None
+
+    @property
+    def max_reply(self) -> int:
+        """Bytes a reply may take before it is given up on: twice a window of ``m`` replies and slack."""
+        return 2 * self.packet_size * READ_WINDOW + REPLY_SLACK
 
     def _receive_more(self) -> None:
+        """Append what the stub sent next; called only while no complete reply is buffered, so the
+        buffer holds one unfinished reply, whose size is bounded here."""
+        if len(self._received) > self.max_reply:
+            raise self._break(f"gdb://{self.address}: a reply ran past {self.max_reply} bytes without ending: "
+                              "not QEMU's gdbstub, or a broken one")
         try:
             chunk = self._socket.recv(1 << 20)
             # QEMU's socket keeps Nagle on: it holds each small reply until our ACK comes, and a
@@ -333,11 +398,11 @@ class RemoteStub(QemuQueries):
             self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except socket.timeout:
             hint = "" if self._negotiated else " (is another debugger attached? QEMU serves one client at a time)"
-            raise SourceError(f"gdb://{self.address}: no reply from the stub within {self.timeout:g} s{hint}") from None
+            raise self._break(f"gdb://{self.address}: no reply from the stub within {self.timeout:g} s{hint}") from None
         except OSError as error:
-            raise SourceError(f"gdb://{self.address}: connection lost: {error.strerror or error}") from None
+            raise self._break(f"gdb://{self.address}: connection lost: {error.strerror or error}") from None
         if not chunk:
-            raise SourceError(f"gdb://{self.address}: the stub closed the connection")
+            raise self._break(f"gdb://{self.address}: the stub closed the connection")
         self._received += chunk
 
     def _packet_bounds(self, position: int) -> tuple[int, int] | None:
@@ -354,8 +419,8 @@ class RemoteStub(QemuQueries):
             junk = buffer[position:start]
         if junk.strip(b"+"):
             if b"-" in junk:
-                raise SourceError(f"gdb://{self.address}: the stub rejected a packet checksum")
-            raise SourceError(f"gdb://{self.address}: unexpected bytes between packets: {bytes(junk[:16])!r}")
+                raise self._break(f"gdb://{self.address}: the stub rejected a packet checksum")
+            raise self._break(f"gdb://{self.address}: unexpected bytes between packets: {bytes(junk[:16])!r}")
         if start < 0:
             return None
         end = buffer.find(b"#", start)
@@ -368,9 +433,9 @@ class RemoteStub(QemuQueries):
         try:
             expected = int(buffer[end + 1 : end + 3], 16)
         except ValueError:
-            raise SourceError(f"gdb://{self.address}: malformed packet checksum {bytes(buffer[end + 1 : end + 3])!r}") from None
+            raise self._break(f"gdb://{self.address}: malformed packet checksum {bytes(buffer[end + 1 : end + 3])!r}") from None
         if checksum(buffer[start + 1 : end]) != expected:
-            raise SourceError(f"gdb://{self.address}: reply with a bad checksum")
+            raise self._break(f"gdb://{self.address}: reply with a bad checksum")
 
     def _next_reply(self, stop_reply: bool = False) -> bytes:
         """The next reply's decoded payload, skipping stop notifications unless ``stop_reply``."""
@@ -379,19 +444,57 @@ class RemoteStub(QemuQueries):
                 self._receive_more()
             start, end = bounds
             self._check(start, end)
-            payload = decode(self._received[start + 1 : end])
+            body = self._received[start + 1 : end]
             del self._received[: end + 3]
             self._acks += 1
-            if stop_reply or not _STOP_REPLY.match(payload):
+            if stop_reply or not _STOP_REPLY.match(body):
                 self._pending -= 1
-                return payload
+                return decode(body, f"gdb://{self.address}")
             self.stopped_running_vm = True
 
     def _drain(self) -> None:
-        """Read and drop replies to requests an interrupted pipeline left in flight."""
+        """Make the connection ready for a request: replies to requests an interrupted pipeline
+        left in flight read and dropped, after an interrupted exchange whatever the stub sends."""
+        if self._broken is not None:
+            raise SourceError(self._broken)
+        if self._out_of_step:
+            self._resynchronize()
         while self._pending > 0:
             self._next_reply()
 
+    def _resynchronize(self) -> None:
+        """After an interrupted exchange: drop whatever the stub sends until it falls quiet.
+
+        The stub has answered every request it received by then; the counts of replies in flight
+        cannot be trusted, so none is used. A stub that keeps talking, or one that asks for a
+        retransmit (our request was cut midway), leaves the connection broken. ``select`` waits,
+        as the socket's own timeout cannot change: it may be a duplicate of gdb's.
+        """
+        deadline = time.monotonic() + RESYNC_SECONDS
+        while select.select([self._socket], [], [], QUIET_SECONDS)[0]:
+            if time.monotonic() > deadline:
+                raise self._break(f"gdb://{self.address}: the stub did not fall quiet within {RESYNC_SECONDS:g} s "
+                                  "after an interruption")
+            self._receive_more()
+            self._drop_replies()
+        self._drop_replies()
+        if self._received.strip(b"+"):
+            raise self._break(f"gdb://{self.address}: the stub left a reply unfinished after an interruption")
+        self._received.clear()
+        self._pending = 0
+        self._out_of_step = False
+
+    def _drop_replies(self) -> None:
+        """Drop every complete packet in the receive buffer (remembering stop replies), owing an ack for each."""
+        position = 0
+        while bounds := self._packet_bounds(position):
+            if _STOP_REPLY.match(self._received, bounds[0] + 1):
+                self.stopped_running_vm = True
+            position = bounds[1] + 3
+            self._acks += 1
+        del self._received[:position]
+
+    @_exchange
     def settle(self) -> None:
         """Leave the connection quiet: replies in flight read and dropped, every reply acked.
 
@@ -401,6 +504,7 @@ class RemoteStub(QemuQueries):
         if self._acks and not self.no_ack:
             self._send(b"")
 
+    @_exchange
     def command(self, payload: bytes | str) -> bytes:
         """Send one packet and return its reply (console ``O`` packets are not expected here)."""
         if isinstance(payload, str):
@@ -412,6 +516,7 @@ class RemoteStub(QemuQueries):
 
     # --- queries --------------------------------------------------------------------------------
 
+    @_exchange
     def stop_reason(self) -> bytes:
         """The ``?`` reply, e.g. ``T05thread:01;``."""
         self._drain()
@@ -423,7 +528,7 @@ class RemoteStub(QemuQueries):
         """Thread ids from ``qfThreadInfo``/``qsThreadInfo``; QEMU has one per vCPU, in CPU order."""
         ids: list[str] = []
         reply = self.command(b"qfThreadInfo")
-        while reply.startswith(b"m"):
+        while reply.startswith(b"m") and _THREAD_IDS.fullmatch(reply, 1):
             ids += reply[1:].decode().split(",")
             reply = self.command(b"qsThreadInfo")
         if reply != b"l":
@@ -474,7 +579,11 @@ class RemoteStub(QemuQueries):
         for register in self.registers():
             field = digits[2 * register.offset : 2 * (register.offset + register.size)]
             if len(field) == 2 * register.size and b"x" not in field:
-                values[register.name] = int.from_bytes(binascii.a2b_hex(field), "little")
+                try:
+                    values[register.name] = int.from_bytes(binascii.a2b_hex(field), "little")
+                except binascii.Error:
+                    raise SourceError(f"gdb://{self.address}: the 'g' reply for thread {thread or '(selected)'} "
+                                      f"gives {register.name} as {bytes(field[:20])!r}, not hex digits") from None
         return values
 
     def vcpu_registers(self) -> list[dict[str, int]]:
@@ -484,6 +593,7 @@ class RemoteStub(QemuQueries):
         self.select_thread(threads[0])
         return states
 
+    @_exchange
     def monitor(self, command: str) -> str:
         """Run a monitor (QEMU HMP) command with ``qRcmd``; its output (``O<hex>`` packets, CRLF
         line ends) is returned with plain newlines."""
@@ -494,14 +604,17 @@ class RemoteStub(QemuQueries):
         while True:
             reply = self._next_reply()
             if reply.startswith(b"O") and reply != b"OK":
-                output.append(binascii.a2b_hex(reply[1:]))
                 self._pending += 1  # the command's final reply is still to come
-                continue
-            if reply == b"OK":
+                try:
+                    output.append(binascii.a2b_hex(reply[1:]))
+                    continue
+                except binascii.Error:
+                    self._out_of_step = True  # how many more packets the stub sends is anyone's guess
+            elif reply == b"OK":
                 return b"".join(output).decode("utf-8", "replace").replace("\r\n", "\n")
-            if reply == b"":
+            elif reply == b"":
                 raise SourceError(f"gdb://{self.address}: the stub runs no monitor commands (qRcmd)")
-            raise SourceError(f"gdb://{self.address}: monitor command {command!r} failed: {reply.decode('ascii', 'replace')}")
+            raise SourceError(f"gdb://{self.address}: monitor command {command!r} failed: {reply.decode('ascii', 'replace')[:40]}")
 
     def detach(self) -> None:
         """``D`` for every process: the stub resumes the VM once none is attached.
@@ -526,6 +639,7 @@ class RemoteStub(QemuQueries):
         self.readinto(address, buffer)
         return bytes(buffer)
 
+    @_exchange
     def readinto(self, address: int, buffer: memoryview | bytearray) -> None:
         """Fill ``buffer`` from ``address`` keeping :data:`READ_WINDOW` ``m`` requests in flight.
 
@@ -540,8 +654,9 @@ class RemoteStub(QemuQueries):
         while done < len(offsets):
             if sent - done <= READ_WINDOW // 2 and sent < len(offsets):
                 batch = offsets[sent : done + READ_WINDOW]
-                self._send(b"".join(_read_request(address + o, min(size, len(view) - o)) for o in batch))
-                self._pending += len(batch)
+                requests = b"".join(_read_request(address + o, min(size, len(view) - o)) for o in batch)
+                self._pending += len(batch)  # before sending: an interrupted send leaves the count high, not low
+                self._send(requests)
                 sent += len(batch)
             parsed = self._parse_memory_replies(view, offsets, done, sent, address)
             if not parsed:
@@ -580,7 +695,10 @@ class RemoteStub(QemuQueries):
             sums = digits.sum(axis=1, dtype=np.uint8)  # wraps: exactly the sum mod 256
             stated = _HEX_VALUE[frames[:, stride - 2]] * 16 + _HEX_VALUE[frames[:, stride - 1]]
             regular = bool((sums == stated).all())
-            data = binascii.a2b_hex(np.ascontiguousarray(digits)) if regular else b""
+            try:
+                data = binascii.a2b_hex(np.ascontiguousarray(digits)) if regular else b""
+            except binascii.Error:  # not hex: the one-by-one parser names the address
+                regular = False
         del frames, digits  # the bytearray cannot shrink while numpy views it
         if not regular:
             return 0
@@ -604,34 +722,38 @@ class RemoteStub(QemuQueries):
         if not spans:
             del self._received[:position]
             return 0
-        buffer = self._received
         starts, ends = np.array(spans, dtype=np.int64).T
-        raw = np.frombuffer(buffer, dtype=np.uint8)
+        raw = np.frombuffer(self._received, dtype=np.uint8)
         cuts = np.stack([starts + 1, ends], axis=1).ravel()
         sums = np.add.reduceat(raw, cuts, dtype=np.uint8)[::2]  # wraps: exactly the sum mod 256
         sums = np.where(ends > starts + 1, sums, 0)
-        del raw
-        for (start, end), total, index in zip(spans, sums.tolist(), range(done, done + len(spans))):
-            if int(buffer[end + 1 : end + 3], 16) != total:
-                raise SourceError(f"gdb://{self.address}: reply with a bad checksum")
-            body = buffer[start + 1 : end]
-            offset = offsets[index]
-            length = min(offsets.step, len(view) - offset)
-            if len(body) != 2 * length or b"*" in body:
-                body = decode(body)
-                if len(body) != 2 * length:
-                    self._pending -= len(spans)
-                    self._acks += len(spans)
-                    del self._received[: spans[-1][1] + 3]
-                    reply = body.decode("ascii", "replace")[:20]
-                    raise SourceError(
-                        f"gdb://{self.address}: cannot read {length:#x} bytes at {address + offset:#x}: the stub answered {reply!r}"
-                    )
-            view[offset : offset + length] = binascii.a2b_hex(body)
-        del self._received[:position]
-        self._pending -= len(spans)
-        self._acks += len(spans)
+        stated = _HEX_VALUE[raw[ends + 1]] * 16 + _HEX_VALUE[raw[ends + 2]]  # above 0xff: not hex
+        del raw  # the bytearray cannot shrink while numpy views it
+        try:
+            for (start, end), total, expected, index in zip(spans, sums.tolist(), stated.tolist(), range(done, done + len(spans))):
+                if expected > 0xFF:
+                    raise self._break(f"gdb://{self.address}: malformed packet checksum {bytes(self._received[end + 1 : end + 3])!r}")
+                if expected != total:
+                    raise self._break(f"gdb://{self.address}: reply with a bad checksum")
+                self._read_reply(self._received[start + 1 : end], view, offsets[index], address)
+        finally:  # every complete reply is consumed, failing or not, so the connection stays in step
+            del self._received[:position]
+            self._pending -= len(spans)
+            self._acks += len(spans)
         return len(spans)
+
+    def _read_reply(self, body: bytes, view: memoryview, offset: int, address: int) -> None:
+        """Decode one ``m`` reply's body into ``view`` at ``offset``; SourceError names what it was for."""
+        length = min(self.max_read, len(view) - offset)
+        try:
+            if len(body) != 2 * length or b"*" in body or b"}" in body:
+                body = decode(body, f"gdb://{self.address}")
+            view[offset : offset + length] = binascii.a2b_hex(body)
+        except (ValueError, SourceError):  # binascii.Error is a ValueError; also a wrong length
+            reply = body.decode("ascii", "replace")[:20]
+            raise SourceError(
+                f"gdb://{self.address}: cannot read {length:#x} bytes at {address + offset:#x}: the stub answered {reply!r}"
+            ) from None
 
     @property
     def connection(self) -> socket.socket:

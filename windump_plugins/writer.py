@@ -258,7 +258,7 @@ class _DumpStream:
 
     def _advance(self, count: int, *, written: bool = True) -> None:
         """Count ``count`` more bytes of the dump; ``written`` ones are on their way to disk now."""
-        if written:
+        if written and not self.source.live:
             _start_writeback(self.fd, self.done, count)
         self.done += count
         self._report()
@@ -289,7 +289,7 @@ class _DumpStream:
             buffer = self._chunk_buffer()
             view = buffer[: min(len(buffer), end - address)]
             self.source.readinto(address, view)
-            self.behind.submit(self.turn, view, self.done)
+            self.behind.submit(self.turn, view, None if self.source.live else self.done)
             address += len(view)
             self._advance(len(view), written=False)
 
@@ -337,9 +337,10 @@ def _write_fully(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
-def _write_behind(fd: int, data: memoryview, offset: int) -> None:
+def _write_behind(fd: int, data: memoryview, offset: int | None) -> None:
     _write_fully(fd, data)
-    _start_writeback(fd, offset, len(data))
+    if offset is not None:
+        _start_writeback(fd, offset, len(data))
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
@@ -365,8 +366,9 @@ class _WriteBehind:
         self.executor: ThreadPoolExecutor | None = None
         self.pending: dict[int, Future] = {}
 
-    def submit(self, slot: int, data: memoryview, offset: int) -> None:
-        """Queue ``data``, which belongs at ``offset`` of the dump (where the file position will be)."""
+    def submit(self, slot: int, data: memoryview, offset: int | None) -> None:
+        """Queue ``data``; with the ``offset`` of the dump it belongs at (where the file position will
+        be), its writeback starts once it is written."""
         if self.executor is None:
             self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="windump-write")
         self.pending[slot] = self.executor.submit(_write_behind, self.fd, data, offset)

@@ -32,14 +32,13 @@ def raw(payload: bytes) -> bytes:
 @dataclass(frozen=True)
 class BadReply:
     """The stub acks the request ``operation`` sends with ``+`` and answers it with ``reply``, then
-    hangs up; ``operation`` must raise SourceError ``message``. ``bug`` names a known defect."""
+    hangs up; ``operation`` must raise SourceError ``message``."""
 
     name: str
     operation: Callable[[RemoteStub], object]
     reply: bytes
     message: str
     supported: bytes = SUPPORTED
-    bug: str | None = None
 
 
 def command(stub: RemoteStub) -> object:
@@ -54,9 +53,6 @@ def read_pages(stub: RemoteStub) -> object:
     return stub.read_memory(0, 0x1000)
 
 
-RSP_BUG_ESCAPES = "rsp.decode indexes past the body on a trailing '}' or '*' (IndexError)"
-RSP_BUG_HEX = "rsp: non-hex digits in m/O/g replies raise binascii.Error or ValueError"
-RSP_BUG_TEXT = "rsp: replies decoded as UTF-8 or parsed as hex numbers without a check (UnicodeDecodeError/ValueError)"
 
 BAD_REPLIES = [
     BadReply("bad checksum", command, b"+$OK#00", "gdb://{address}: reply with a bad checksum"),
@@ -68,10 +64,9 @@ BAD_REPLIES = [
     BadReply("hangs up without a reply", command, b"+", "gdb://{address}: the stub closed the connection"),
     BadReply("run length first", command, raw(b'*"'),
              "gdbstub reply starts with a run-length marker: not a valid packet"),
-    BadReply("escape at the end", command, raw(b"}"), "gdb://{address}: reply ends inside an escape or run length",
-             bug=RSP_BUG_ESCAPES),
+    BadReply("escape at the end", command, raw(b"}"), "gdb://{address}: reply ends inside an escape or run length"),
     BadReply("run length at the end", command, raw(b"a*"),
-             "gdb://{address}: reply ends inside an escape or run length", bug=RSP_BUG_ESCAPES),
+             "gdb://{address}: reply ends inside an escape or run length"),
     BadReply("memory error reply", read4, b"+" + raw(b"E14"),
              "gdb://{address}: cannot read 0x4 bytes at 0x0: the stub answered 'E14'"),
     BadReply("memory reply too short", read4, b"+" + raw(b"0000"),
@@ -83,15 +78,15 @@ BAD_REPLIES = [
     BadReply("memory replies cut midway", read_pages, b"+" + raw(b"00" * 0x80) * 3 + b"+$00",
              "gdb://{address}: the stub closed the connection"),
     BadReply("memory reply not hex", read4, b"+" + raw(b"zzzzzzzz"),
-             "gdb://{address}: cannot read 0x4 bytes at 0x0: the stub answered 'zzzzzzzz'", bug=RSP_BUG_HEX),
+             "gdb://{address}: cannot read 0x4 bytes at 0x0: the stub answered 'zzzzzzzz'"),
     BadReply("memory checksum not hex", read4, b"+$00000000#zz",
-             "gdb://{address}: malformed packet checksum b'zz'", bug=RSP_BUG_HEX),
+             "gdb://{address}: malformed packet checksum b'zz'"),
     BadReply("thread list garbage", lambda stub: stub.threads(), b"+" + raw(b"x"),
              "gdb://{address}: bad thread list reply b'x'"),
     BadReply("thread list not text", lambda stub: stub.threads(), b"+" + raw(b"m\xff\xfe"),
-             "gdb://{address}: bad thread list reply b'm\\xff\\xfe'", bug=RSP_BUG_TEXT),
+             "gdb://{address}: bad thread list reply b'm\\xff\\xfe'"),
     BadReply("monitor output not hex", lambda stub: stub.monitor("info mtree -f"), b"+" + raw(b"O123"),
-             "gdb://{address}: monitor command 'info mtree -f' failed: O123", bug=RSP_BUG_HEX),
+             "gdb://{address}: monitor command 'info mtree -f' failed: O123"),
     BadReply("monitor refused", lambda stub: stub.monitor("info mtree -f"), b"+" + raw(b"E01"),
              "gdb://{address}: monitor command 'info mtree -f' failed: E01"),
     BadReply("PhyMemMode not a number", lambda stub: stub.phy_mem_mode(), b"+" + raw(b"yes"),
@@ -99,9 +94,9 @@ BAD_REPLIES = [
     BadReply("PhyMemMode unsupported", lambda stub: stub.phy_mem_mode(), b"+" + raw(b""),
              "gdb://{address}: the stub answered 'qqemu.PhyMemMode' with nothing (unsupported)"),
     BadReply("PacketSize not hex", command, b"+" + raw(b"OK"), "gdb://{address}: bad PacketSize 'zz' in qSupported",
-             supported=raw(b"PacketSize=zz"), bug=RSP_BUG_TEXT),
+             supported=raw(b"PacketSize=zz")),
     BadReply("PacketSize 0", read4, b"+" + raw(b"00000000"), "gdb://{address}: bad PacketSize '0' in qSupported",
-             supported=raw(b"PacketSize=0"), bug=RSP_BUG_TEXT),
+             supported=raw(b"PacketSize=0")),
 ]
 
 

@@ -67,8 +67,6 @@ def test_qemu_killed_mid_dump_over_the_gdbstub(boot_guest, workdir):
     assert os.listdir(workdir) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after Ctrl-C in a pipelined read, restoring PhyMemMode waits for "
-                   "replies the interrupted pipeline miscounted: exit 1 after a 10 s timeout, not 130")
 def test_ctrl_c_mid_dump_over_the_gdbstub_restores_phymemmode(booted_once, workdir):
     guest = booted_once(HALTED)
     assert guest.qemu.execute("query-status")["running"] is False

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import SourceError
+from ..errors import SourceError, WindumpError
 from ..format import PAGE_SIZE, SIGNATURE, VALID_DUMP32, VALID_DUMP64
 from ..header import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
@@ -46,6 +46,9 @@ DEBUG_REGISTERS = ("dr0", "dr1", "dr2", "dr3", "dr6", "dr7")
 
 #: HMP command showing every vCPU's registers, each block opened by ``CPU#N`` (QEMU's CPU index).
 INFO_REGISTERS = "info registers -a"
+
+#: Seconds a fresh connection, made to leave QEMU as found when ours was lost, may take per reply.
+RECONNECT_TIMEOUT = 3.0
 
 _OPTIONS = ("keep-stopped", "header-pa", "packets", "timeout")
 
@@ -154,7 +157,8 @@ class QemuStub(Protocol):
     stopped_running_vm: bool
 
     def require_qemu(self) -> set[str]: ...
-    def physical_memory(self, mode: int = 1) -> contextlib.AbstractContextManager[None]: ...
+    def phy_mem_mode(self) -> int: ...
+    def set_phy_mem_mode(self, mode: int) -> None: ...
     def monitor(self, command: str) -> str: ...
     def read_memory(self, address: int, length: int) -> bytes: ...
     def readinto(self, address: int, buffer: memoryview) -> None: ...
@@ -174,8 +178,11 @@ class GdbStubSource(MemorySource):
     ``"packets"`` (``m`` requests through the stub), with ``fast_path_problem`` telling why the fast
     path is not used. ``close()`` restores PhyMemMode and, when the VM was running when we attached
     and ``keep_stopped`` is false, detaches so the guest runs on; a VM found paused stays paused.
+    When our connection was lost or left out of step, it does so over a fresh one.
     :meth:`through` reads through a connection someone else holds (gdb's), which is never detached.
     """
+
+    live = True
 
     def __init__(
         self,
@@ -189,8 +196,10 @@ class GdbStubSource(MemorySource):
     ) -> None:
         self._setup(f"gdb://{host}:{port}", header_pa, packets)
         self.keep_stopped = keep_stopped
+        self._endpoint = (host, port)
         try:
-            self._attach(self._stack.enter_context(RemoteStub(host, port, timeout)), packets)
+            with self._noting_interruptions():
+                self._attach(self._stack.enter_context(RemoteStub(host, port, timeout)), packets)
         except BaseException:
             self._stack.close()
             raise
@@ -204,7 +213,8 @@ class GdbStubSource(MemorySource):
         source.keep_stopped = True
         source._stack.callback(stub.close)
         try:
-            source._attach(stub, packets)
+            with source._noting_interruptions():
+                source._attach(stub, packets)
         except BaseException:
             source._stack.close()
             raise
@@ -219,14 +229,20 @@ class GdbStubSource(MemorySource):
         self.qemu_pid: int | None = None
         self._process: ProcessMemory | None = None
         self._stack = contextlib.ExitStack()
+        #: Where to reconnect to leave QEMU as found; None through someone else's connection.
+        self._endpoint: tuple[str, int] | None = None
+        #: Whether anything but a WindumpError (Ctrl-C) left one of our reads midway.
+        self._interrupted = False
 
     def _attach(self, stub: QemuStub, packets: bool) -> None:
         """Check it is QEMU, switch to physical memory (restored on close), learn the RAM map."""
         self.stub = stub
         if "PhyMemMode" not in stub.require_qemu():
             raise SourceError(f"{self.description}: this QEMU gdbstub offers no PhyMemMode, so it cannot read physical memory (a newer QEMU can)")
-        self._stack.callback(self._leave_vm)
-        self._stack.enter_context(stub.physical_memory())
+        self._saved_phy_mem_mode = stub.phy_mem_mode()
+        self._stack.callback(self._leave_qemu)
+        if self._saved_phy_mem_mode != 1:
+            stub.set_phy_mem_mode(1)
         regions = parse_mtree(stub.monitor("info mtree -f"))
         if not regions:
             raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
@@ -236,9 +252,44 @@ class GdbStubSource(MemorySource):
         if not packets:
             self._open_fast_path(regions)
 
-    def _leave_vm(self) -> None:
+    def _leave_qemu(self) -> None:
+        """Leave QEMU as found: PhyMemMode as saved, the VM resumed when we stopped it (unless
+        ``keep_stopped``).
+
+        PhyMemMode is global in QEMU and outlives our connection, so when that connection is lost
+        or out of step a fresh one restores it. If even that fails the error says so, except after
+        Ctrl-C, which must stay the outcome: then it is a warning.
+        """
+        try:
+            self._restore(self.stub)
+        except SourceError as lost:
+            if self._endpoint is None:
+                raise
+            self.stub.close()  # QEMU serves one client at a time
+            try:
+                with RemoteStub(*self._endpoint, timeout=RECONNECT_TIMEOUT) as fresh:
+                    self._restore(fresh)
+            except SourceError as failed:
+                message = f"{lost}; PhyMemMode may be left at 1 for the next debugger (reconnecting failed: {failed})"
+                if not self._interrupted:
+                    raise SourceError(message) from None
+                warnings.warn(message, WindumpWarning, stacklevel=2)
+
+    def _restore(self, stub: QemuStub) -> None:
+        if self._saved_phy_mem_mode != 1:
+            stub.set_phy_mem_mode(self._saved_phy_mem_mode)
         if self.stub.stopped_running_vm and not self.keep_stopped:
-            self.stub.detach()
+            stub.detach()
+
+    @contextlib.contextmanager
+    def _noting_interruptions(self) -> Iterator[None]:
+        try:
+            yield
+        except WindumpError:
+            raise
+        except BaseException:
+            self._interrupted = True
+            raise
 
     def _open_fast_path(self, regions: list[tuple[int, int, str]]) -> None:
         """Switch reads to ``/proc/PID/mem`` of QEMU when it is local, mapped and agrees with the stub."""
@@ -285,7 +336,8 @@ class GdbStubSource(MemorySource):
         view = memoryview(buffer).cast("B")
         self.check_range(address, len(view))
         if self._process is None:
-            self.stub.readinto(address, view)
+            with self._noting_interruptions():
+                self.stub.readinto(address, view)
             return
         for region, offset, length in self._pieces(address, len(view)):
             start = int(self._region_starts[region])
@@ -339,8 +391,9 @@ class GdbStubSource(MemorySource):
     def cpus(self) -> list[CpuState]:
         """Registers of each vCPU (gdbstub thread) as the stub reports them, with the debug
         registers from HMP (see :meth:`debug_registers`)."""
-        states = self.stub.vcpu_registers()
-        debug = self.debug_registers(len(states))
+        with self._noting_interruptions():
+            states = self.stub.vcpu_registers()
+            debug = self.debug_registers(len(states))
         return [
             CpuState(index, {**debug[index], **{_REGISTER_NAMES.get(name, name): value for name, value in registers.items()}})
             for index, registers in enumerate(states)
