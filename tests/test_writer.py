@@ -431,9 +431,9 @@ def test_pages_without_overlays_keep_the_kernel_copy(tmp_path, monkeypatch):
     assert read == [(0x150000, PAGE_SIZE)]
 
 
-def test_writeback_starts_early_only_for_sources_that_pause_no_guest(tmp_path, small_chunks, monkeypatch):
-    """File sources get each chunk's writeback started at once (a shorter final fsync); a live
-    source's reads stay short, with writeback left to the end."""
+def test_writeback_starts_early_except_for_sources_that_resume_after_reading(tmp_path, small_chunks, monkeypatch):
+    """Each chunk's writeback starts at once (a shorter final fsync), except for a source that
+    resumes its guest after reading: its reads stay short, with writeback left to the end."""
     started = []
     monkeypatch.setattr(writer, "_start_writeback", lambda fd, offset, length: started.append((offset, length)))
     write_dump(tmp_path / "file.dmp", dump_header(), RUNS, MemoryGuest())
@@ -442,6 +442,6 @@ def test_writeback_starts_early_only_for_sources_that_pause_no_guest(tmp_path, s
 
     started.clear()
     live = MemoryGuest()
-    live.live = True
+    live.resumes_after_reading = True
     write_dump(tmp_path / "live.dmp", dump_header(), RUNS, live)
     assert started == []

@@ -44,10 +44,10 @@ class MemorySource(abc.ABC):
     #: What the user named, for messages and the dump's Comment (e.g. ``"elf:guest.elf"``).
     description: str = ""
 
-    #: True for a source that reads a live guest and keeps it paused while it reads: the writer
-    #: then keeps the reads as short as it can (it leaves writeback to the final fsync instead of
-    #: starting it chunk by chunk, which makes the copy itself slower).
-    live: bool = False
+    #: True for a source that resumes a guest it paused in :meth:`reading_done`: the writer then
+    #: keeps the reads as short as it can, leaving writeback to the final fsync instead of starting
+    #: it chunk by chunk (which shortens the whole dump but slows the copy itself).
+    resumes_after_reading: bool = False
 
     @property
     @abc.abstractmethod

@@ -258,7 +258,7 @@ class _DumpStream:
 
     def _advance(self, count: int, *, written: bool = True) -> None:
         """Count ``count`` more bytes of the dump; ``written`` ones are on their way to disk now."""
-        if written and not self.source.live:
+        if written and not self.source.resumes_after_reading:
             _start_writeback(self.fd, self.done, count)
         self.done += count
         self._report()
@@ -289,7 +289,7 @@ class _DumpStream:
             buffer = self._chunk_buffer()
             view = buffer[: min(len(buffer), end - address)]
             self.source.readinto(address, view)
-            self.behind.submit(self.turn, view, None if self.source.live else self.done)
+            self.behind.submit(self.turn, view, None if self.source.resumes_after_reading else self.done)
             address += len(view)
             self._advance(len(view), written=False)
 

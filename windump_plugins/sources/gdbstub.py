@@ -182,8 +182,6 @@ class GdbStubSource(MemorySource):
     :meth:`through` reads through a connection someone else holds (gdb's), which is never detached.
     """
 
-    live = True
-
     def __init__(
         self,
         host: str,

@@ -150,7 +150,7 @@ class QmpSource(MemorySource):
     ``(completed, total)`` of a streamed dump.
     """
 
-    live = True
+    resumes_after_reading = True
 
     def __init__(self, address: str | tuple[str, int], *, memory: str | None = None, timeout: float = 10.0,
                  progress: Callable[[int, int], None] | None = None) -> None:
