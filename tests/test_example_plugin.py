@@ -22,6 +22,7 @@ from windump_plugins.header import NO_NOTE_MESSAGE, WindumpWarning
 from windump_plugins.plugins import Plugins
 from windump_plugins.save import save
 from windump_plugins.verify import verify_dump
+from windump_plugins.vmcoreinfo import scan_for_note
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "windump-raw"
@@ -156,16 +157,15 @@ def test_image_without_map_is_ram_from_zero_and_its_note_is_found(plugins, tmp_p
     assert_dump_holds_guest_pages(tmp_path / "flat.dmp", guest)
 
 
-def test_note_scan_finds_a_signature_across_chunks_and_only_a_whole_one(plugins, tmp_path):
-    from windump_raw.plugin import NOTE_SIGNATURE, find_vmcoreinfo
-
+def test_note_scan_finds_a_note_across_chunks_and_only_a_whole_one(plugins, tmp_path):
+    guest = CrashedGuest(cpus=1)
     ram = bytearray(0x10000)
-    ram[0x1FF0:0x1FF0 + len(NOTE_SIGNATURE) - 1] = NOTE_SIGNATURE[:-1]  # one byte short: no note
-    ram[0x2FF4:0x2FF4 + len(NOTE_SIGNATURE)] = NOTE_SIGNATURE  # straddles the 0x1000-byte chunks
+    ram[0x1FF0:0x1FF0 + 31] = guest.note[:31]  # one byte short of the note's identifying 32: no note
+    ram[0x2FF4:0x2FF4 + len(guest.note)] = guest.note  # its first 32 bytes straddle 0x1000-byte chunks
     (tmp_path / "ram").write_bytes(ram)
     with plugins.open_source(f"raw:{tmp_path / 'ram'}") as source:
-        assert find_vmcoreinfo(source, chunk_size=0x1000) == 0x2FF4
-        assert find_vmcoreinfo(source) == 0x2FF4
+        assert scan_for_note(source, chunk_size=0x1000) == (0x2FF4, guest.note)
+        assert source.vmcoreinfo() == guest.note
 
 
 def test_image_without_a_note_stops_with_the_set_up_hint(plugins, tmp_path):

@@ -26,9 +26,6 @@ CORE_NOTE_NAME = b"CORE"
 QEMU_NOTE_NAME = b"QEMU"
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
 
-#: Note header plus the padded name "VMCOREINFO": what QEMU's win_dump.c adds to the header size.
-VMCOREINFO_NOTE_HEADER_SIZE = 24
-
 QEMU_CPU_STATE_VERSION = 1
 QEMU_CPU_SEGMENT = layout(24, [(0, "selector", "<u4"), (4, "limit", "<u4"), (8, "flags", "<u4"), (16, "base", "<u8")])
 QEMU_CPU_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")

@@ -20,9 +20,7 @@ from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from .paging import X86_64, AddressSpace
 from .runs import check_runs
 from .source import MemorySource
-
-#: The ELF note header (namesz, descsz, type, "VMCOREINFO" padded to 12) before the dump header.
-NOTE_HEADER_SIZE = 24
+from .vmcoreinfo import NOTE_HEADER_SIZE
 
 #: The four bug-check words QEMU copies (code, then parameters 1-4), each pointer-sized.
 BUGCHECK_WORDS = 5

@@ -19,24 +19,18 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import SourceError, WindumpError
-from ..format import PAGE_SIZE, SIGNATURE, VALID_DUMP32, VALID_DUMP64
+from ..format import PAGE_SIZE
 from ..header import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
 from ..procmem import ProcessMemory, peer_pid
 from ..rsp import RemoteStub
 from ..runs import merge_ranges
 from ..source import CpuState, MemorySource
+from ..vmcoreinfo import NOTE_HEADER_SIZE, parse_note, scan_for_note
 
 #: The ELF note header the guest driver puts before its dump header: namesz, descsz, type, name.
-NOTE_NAME = b"VMCOREINFO\0\0"
-NOTE_HEADER_SIZE = 24
-_NOTE_WORDS = np.frombuffer(NOTE_NAME, dtype="<u4")
 
-#: Dump-header size for each ValidDump magic the note may carry.
-NOTE_DESC_SIZES = {VALID_DUMP64: 0x2000, VALID_DUMP32: 0x1000}
 
-#: RAM read per step when scanning for the note.
-SCAN_CHUNK = 16 << 20
 
 #: gdb register names that CpuState spells differently.
 _REGISTER_NAMES = {"eflags": "rflags", "k_gs_base": "kernel_gs_base"}
@@ -85,37 +79,6 @@ def parse_debug_registers(text: str) -> list[tuple[int, dict[str, int]]]:
         registers = {f"dr{number}": int(value, 16) for number, value in _HMP_DEBUG_REGISTER.findall(block)}
         parsed.append((int(index), registers if set(DEBUG_REGISTERS) <= registers.keys() else {}))
     return parsed
-
-
-def parse_note(data: bytes) -> int | None:
-    """The total size (24 + header) of the VMCOREINFO note at the start of ``data``, or None.
-
-    The note carries a Windows dump header: ``PAGE`` then ``DU64`` (0x2000 bytes) or ``DUMP`` (0x1000).
-    """
-    if len(data) < NOTE_HEADER_SIZE + 8:
-        return None
-    namesz, descsz, kind = np.frombuffer(data, dtype="<u4", count=3).tolist()
-    magic = bytes(data[NOTE_HEADER_SIZE : NOTE_HEADER_SIZE + 8])
-    if (namesz, kind, bytes(data[12:24]), magic[:4]) != (11, 0, NOTE_NAME, SIGNATURE):
-        return None
-    if NOTE_DESC_SIZES.get(magic[4:]) != descsz:
-        return None
-    return NOTE_HEADER_SIZE + descsz
-
-
-def find_notes(chunk: np.ndarray) -> list[int]:
-    """Offsets of the VMCOREINFO note headers (with a dump header's magic) in ``chunk``, a uint8
-    array read from a 4-byte aligned address; only notes whose first 32 bytes lie in ``chunk``.
-
-    Vectorised: finds the rare "VMCO" word, then checks namesz, type and the rest in Python.
-    """
-    words = chunk[: len(chunk) // 4 * 4].view("<u4")
-    count = len(words) - (NOTE_HEADER_SIZE + 8) // 4 + 1
-    if count <= 0:
-        return []
-    candidates = np.flatnonzero(words[3 : 3 + count] == _NOTE_WORDS[0])
-    candidates = candidates[(words[candidates] == 11) & (words[candidates + 2] == 0)]
-    return [4 * index for index in candidates.tolist() if parse_note(chunk[4 * index : 4 * index + NOTE_HEADER_SIZE + 8].tobytes())]
 
 
 def parse_location(location: str) -> dict | None:
@@ -368,23 +331,11 @@ class GdbStubSource(MemorySource):
                         self.vmcoreinfo_address = address
                         return self.read(address, size)
             raise SourceError(f"{self.description}: no VMCOREINFO note with a dump header at header-pa {self.header_pa:#x}")
-        overlap = NOTE_HEADER_SIZE + 8  # a note header cut by a chunk's end is seen whole in the next
-        chunk = np.empty(SCAN_CHUNK, dtype=np.uint8)
-        for start, end in self._ram.tolist():
-            position = start
-            while True:
-                length = min(SCAN_CHUNK, end - position)
-                self.readinto(position, memoryview(chunk[:length]))
-                for found in find_notes(chunk[:length]):
-                    address = position + found
-                    size = parse_note(chunk[found : found + overlap].tobytes())
-                    if address + size <= end:
-                        self.vmcoreinfo_address = address
-                        return self.read(address, size)
-                if position + length >= end:
-                    break
-                position += length - overlap
-        return None
+        found = scan_for_note(self)
+        if found is None:
+            return None
+        self.vmcoreinfo_address, note = found
+        return note
 
     def cpus(self) -> list[CpuState]:
         """Registers of each vCPU (gdbstub thread) as the stub reports them, with the debug

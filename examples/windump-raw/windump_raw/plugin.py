@@ -7,38 +7,25 @@ bytes by MAPFILE, one ``GUEST_PHYS_START GUEST_PHYS_END FILE_OFFSET`` line (hex)
 without it the source scans guest RAM for the note once, when windump first asks for it.
 
 This module uses only windump's public plugin API: :mod:`windump_plugins.hookspecs`,
-:mod:`windump_plugins.source`, :mod:`windump_plugins.filemap` and :mod:`windump_plugins.errors`.
+:mod:`windump_plugins.filemap` (a :class:`~windump_plugins.source.MemorySource` over pieces of
+one file), :mod:`windump_plugins.vmcoreinfo` and :mod:`windump_plugins.errors`.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 
 from windump_plugins.errors import FormatError, SourceError
 from windump_plugins.filemap import FileMap, FileMapSource
 from windump_plugins.hookspecs import SourceKind, hookimpl
-from windump_plugins.source import MemorySource
+from windump_plugins.vmcoreinfo import scan_for_note
 
 SCHEME = "raw:"
 
 #: The options a location takes after ``?``, ``&``-separated.
 OPTIONS = ("map", "note")
-
-#: What the Windows fwcfg driver publishes: an ELF note header (namesz 11, descsz 0x2000, type 0,
-#: "VMCOREINFO" padded to 12 bytes), then the 64-bit dump header, which starts "PAGEDU64".
-NOTE_HEADER = struct.pack("<III", 11, 0x2000, 0) + b"VMCOREINFO\0\0"
-NOTE_SIZE = len(NOTE_HEADER) + 0x2000
-NOTE_SIGNATURE = NOTE_HEADER + b"PAGEDU64"
-_SIGNATURE_WORDS = np.frombuffer(NOTE_SIGNATURE, dtype="<u4")
-#: The signature word to look for first: "VMCO" is rare in RAM, unlike the note's small integers.
-_ANCHOR = 3
-
-#: Bytes of guest RAM read at a time while scanning for the note.
-SCAN_CHUNK = 16 << 20
-
 
 def read_ram_map(path: str, file_size: int) -> np.ndarray:
     """The RAM map in ``path`` as an ``(N, 3)`` uint64 array of ``[start, end, file offset]`` rows
@@ -77,27 +64,6 @@ def read_ram_map(path: str, file_size: int) -> np.ndarray:
     return blocks
 
 
-def find_vmcoreinfo(source: MemorySource, chunk_size: int = SCAN_CHUNK) -> int | None:
-    """Guest physical address of the first 4-byte aligned VMCOREINFO note holding a 64-bit dump
-    header, scanning ``source``'s RAM ``chunk_size`` bytes at a time; None when there is none."""
-    overlap = len(NOTE_SIGNATURE) - 4  # a signature across two chunks lies whole in the second
-    buffer = memoryview(bytearray(chunk_size))
-    for start, end in source.ram.tolist():
-        address = start + -start % 4
-        while end - address >= len(NOTE_SIGNATURE):
-            view = buffer[:min(chunk_size, end - address) & ~3]
-            source.readinto(address, view)
-            words = np.frombuffer(view, dtype="<u4")
-            found = np.flatnonzero(words[_ANCHOR:len(words) - len(_SIGNATURE_WORDS) + _ANCHOR + 1]
-                                   == _SIGNATURE_WORDS[_ANCHOR])
-            for k, word in enumerate(_SIGNATURE_WORDS):
-                found = found[words[found + k] == word]
-            if len(found):
-                return address + 4 * int(found[0])
-            address += len(view) - overlap
-    return None
-
-
 class RawSource(FileMapSource):
     """Guest RAM in a flat file, placed by a RAM map (or from physical 0 without one)."""
 
@@ -132,14 +98,9 @@ class RawSource(FileMapSource):
         """The note from ``note=``, or else the first one found in RAM (scanned once, on demand)."""
         if not self._scanned:
             self._scanned = True
-            address = find_vmcoreinfo(self)
-            if address is not None:
-                self._note = self.read(address, min(NOTE_SIZE, self._range_end(address) - address))
+            found = scan_for_note(self)
+            self._note = found[1] if found else None
         return self._note
-
-    def _range_end(self, address: int) -> int:
-        ram = self.ram
-        return int(ram[np.searchsorted(ram[:, 0], np.uint64(address), side="right") - 1, 1])
 
     def close(self) -> None:
         self._file.close()
