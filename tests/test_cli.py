@@ -199,8 +199,8 @@ def test_help_lists_inline_plugin_kinds(inline_cli, capsys):
         inline_cli(["save", "--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    assert re.search(r"^  ctrl-c: +interrupts$", out, re.M)
-    assert re.search(r"^  bug: +raises RuntimeError$", out, re.M)
+    assert re.search(r"^  ctrl-c:\n      interrupts$", out, re.M)
+    assert re.search(r"^  bug:\n      raises RuntimeError$", out, re.M)
 
 
 class Terminal(io.StringIO):

@@ -91,6 +91,8 @@ def _size(count: int) -> str:
         "windump save guest.elf guest.dmp     # from QEMU's dump-guest-memory",
         "windump save --context-cpu 1 guest.elf guest.dmp",
         "windump save sample: sample.dmp      # the built-in sample guest",
+        "windump save qmp:/run/vm/qmp.sock guest.dmp   # a live QEMU; -qmp unix:...,server=on,wait=off",
+        "windump save gdb://127.0.0.1:1234 guest.dmp   # a live QEMU started with -s",
     ),
     lists_sources=True,
 )
@@ -184,8 +186,9 @@ def _epilog(entry: Command, plugins: Plugins) -> str | None:
     parts = []
     if entry.lists_sources:
         kinds = plugins.kinds()
-        lines = [f"  {kind.pattern:<24} {kind.summary}" for kind in kinds] or ["  (none: no source plugin loaded)"]
-        parts.append("sources:\n" + "\n".join(lines))
+        lines = [f"  {kind.pattern}\n" + textwrap.fill(kind.summary, HELP_WIDTH, initial_indent=" " * 6,
+                                                     subsequent_indent=" " * 6) for kind in kinds]
+        parts.append("sources:\n" + ("\n".join(lines) or "  (none: no source plugin loaded)"))
     if entry.examples:
         parts.append("examples:\n" + "\n".join(f"  {example}" for example in entry.examples))
     return "\n\n".join(parts) or None
