@@ -4,8 +4,9 @@ on the same guest, in time and in how long each keeps the guest paused.
 Boots the test guest of ``drivers/`` (``--size`` RAM, 4 GiB by default: 1 GiB of it above 4 GiB)
 under QEMU with its RAM in a shared ``memory-backend-file`` under /dev/shm, lets it run, then for
 each memory path of the qmp source (``shm``, ``procmem``, ``stream``) and for QEMU's ``-w`` writes
-the dump into the same directory, each followed by ``sync`` inside its timing. windump's pause ends
-when guest RAM has been read; QEMU's lasts its whole dump. Prints a table and JSON.
+the dump into the same directory, each followed by ``sync`` inside its timing, ``--repeat`` rounds in
+turn (the disk of a small VM varies a lot from run to run: the table shows medians). windump's pause
+ends when guest RAM has been read; QEMU's lasts its whole dump. Prints a table and JSON.
 
     python benchmarks/bench_qmp.py                 # 4 GiB guest
     python benchmarks/bench_qmp.py --size 256M --json out.json
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +52,9 @@ def idle_ram(machine: Machine, workdir: Path):
         probe.kill()
 
 
-def run(memory: str, directory: Path, paths: list[str]) -> dict:
+def run(memory: str, directory: Path, paths: list[str], repeat: int) -> dict:
+    """Boot the guest once, then ``repeat`` rounds of every windump path and QEMU's ``-w`` in turn;
+    each entry keeps every round's figures and their medians."""
     machine = Machine("pc", memory, 2)
     kernel = build_guest(directory / "build")
     model = CrashedGuest(ram=idle_ram(machine, directory), cpus=machine.cpus)
@@ -58,36 +62,43 @@ def run(memory: str, directory: Path, paths: list[str]) -> dict:
     mem_path = f"/dev/shm/windump-bench-{os.getpid()}"
     qemu.command += ["-object", f"memory-backend-file,id=ram,size={memory},mem-path={mem_path},share=on",
                      "-machine", "memory-backend=ram"]
-    figures: dict = {"guest_ram_bytes": machine.size, "windump": {}}
+    rounds: dict[str, list[dict]] = {}
     try:
         print(f"booting a {memory} guest...", file=sys.stderr)
         qemu.boot()
         qemu.wait_halted()
         output = directory / "guest.dmp"
-        for path in paths:
+        for _ in range(repeat):
+            for path in paths:
+                qemu.execute("cont")
+                qemu.qmp.close()
+                qemu.qmp = None
+                source = QmpSource(str(qemu.qmp_path), memory=path, timeout=60)
+                try:
+                    seconds = synced(lambda: save(source, output))
+                finally:
+                    source.close()
+                    qemu._connect_qmp()
+                rounds.setdefault(path, []).append(
+                    {"seconds": seconds, "paused_seconds": source.paused_seconds, "dump_bytes": output.stat().st_size})
+                output.unlink()
             qemu.execute("cont")
-            qemu.qmp.close()
-            qemu.qmp = None
-            source = QmpSource(str(qemu.qmp_path), memory=path, timeout=60)
-            try:
-                seconds = synced(lambda: save(source, output))
-            finally:
-                source.close()
-                qemu._connect_qmp()
-            figures["windump"][path] = {"seconds": seconds, "paused_seconds": source.paused_seconds,
-                                        "dump_bytes": output.stat().st_size,
-                                        "mb_per_second": output.stat().st_size / seconds / 1e6}
+            seconds = synced(lambda: qemu.dump(output))  # QEMU pauses the guest for its whole dump
+            rounds.setdefault("qemu_w", []).append(
+                {"seconds": seconds, "paused_seconds": qemu.last_dump_seconds, "dump_bytes": output.stat().st_size})
             output.unlink()
-        qemu.execute("cont")
-        started = time.perf_counter()
-        seconds = synced(lambda: qemu.dump(output))  # QEMU pauses the guest for its whole dump
-        figures["qemu_w"] = {"seconds": seconds, "paused_seconds": qemu.last_dump_seconds,
-                             "dump_bytes": output.stat().st_size,
-                             "mb_per_second": output.stat().st_size / (time.perf_counter() - started) / 1e6}
-        output.unlink()
     finally:
         qemu.kill()
         Path(mem_path).unlink(missing_ok=True)
+    figures: dict = {"guest_ram_bytes": machine.size, "repeat": repeat, "windump": {}}
+    for name, results in rounds.items():
+        entry = {key: statistics.median(r[key] for r in results) for key in ("seconds", "paused_seconds")}
+        entry.update(dump_bytes=results[0]["dump_bytes"], rounds=results,
+                     mb_per_second=results[0]["dump_bytes"] / entry["seconds"] / 1e6)
+        if name == "qemu_w":
+            figures["qemu_w"] = entry
+        else:
+            figures["windump"][name] = entry
     return figures
 
 
@@ -96,7 +107,7 @@ def table(figures: dict) -> str:
     for name, result in [*((f"windump qmp ({p})", r) for p, r in figures["windump"].items()),
                          ("QEMU dump-guest-memory -w", figures["qemu_w"])]:
         rows.append((name, f"{result['seconds']:.2f} s incl. sync ({result['mb_per_second']:.0f} MB/s), "
-                           f"guest paused {result['paused_seconds']:.2f} s"))
+                           f"guest paused {result['paused_seconds']:.2f} s (medians)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="4G", help="guest RAM as QEMU's -m takes it, M or G suffix (default 4G)")
     parser.add_argument("--paths", default=",".join(MEMORY_PATHS), help="memory paths to time (default: all)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every path and QEMU's -w (default 3)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     parser.add_argument("--dir", type=Path, help="where the dumps go (default: a temporary directory)")
     args = parser.parse_args(argv)
@@ -112,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench_qmp: needs {', '.join(missing_tools())}")
     directory = Path(tempfile.mkdtemp(prefix="windump-bench-qmp-", dir=args.dir))
     try:
-        figures = run(args.size, directory, args.paths.split(","))
+        figures = run(args.size, directory, args.paths.split(","), args.repeat)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print(table(figures))
