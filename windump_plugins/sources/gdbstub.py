@@ -22,6 +22,8 @@ from ..errors import SourceError, WindumpError
 from ..format import PAGE_SIZE
 from ..header import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
+from ..location import host_and_port
+from ..location import options as location_options
 from ..procmem import ProcessMemory, peer_pid
 from ..rsp import RemoteStub
 from ..runs import merge_ranges
@@ -86,16 +88,8 @@ def parse_location(location: str) -> dict | None:
     parts = urllib.parse.urlsplit(location)
     if parts.scheme != "gdb":
         return None
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host = port = None
-    if not host or port is None or parts.path not in ("", "/"):
-        raise SourceError(f"{location}: expected gdb://HOST:PORT, e.g. gdb://127.0.0.1:1234")
-    options = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise SourceError(f"{location}: unknown option {unknown[0]!r}; known: {', '.join(_OPTIONS)}")
+    host, port = host_and_port(location, parts, "expected gdb://HOST:PORT, e.g. gdb://127.0.0.1:1234")
+    options = location_options(location, parts, _OPTIONS)
     try:
         header_pa = int(options["header-pa"], 0) if "header-pa" in options else None
         timeout = float(options.get("timeout", 10.0))

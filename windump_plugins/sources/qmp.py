@@ -51,6 +51,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from ..errors import SourceError
 from ..format import PAGE_SIZE
 from ..hookspecs import SourceKind, hookimpl
+from ..location import host_and_port
+from ..location import options as location_options
 from ..elfstream import ElfStream
 from ..procmem import ProcessMemory, peer_pid
 from ..runs import merge_ranges
@@ -114,23 +116,15 @@ def parse_location(location: str) -> dict | None:
     parts = urllib.parse.urlsplit(location)
     if parts.scheme != SCHEME:
         return None
-    usage = f"{location}: expected qmp:PATH (unix socket) or qmp://HOST:PORT"
+    usage = "expected qmp:PATH (unix socket) or qmp://HOST:PORT"
+    address: str | tuple[str, int]
     if parts.netloc:
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError:
-            host = port = None
-        if not host or port is None or parts.path not in ("", "/"):
-            raise SourceError(usage)
-        address: str | tuple[str, int] = (host, port)
+        address = host_and_port(location, parts, usage)
     elif parts.path:
         address = parts.path
     else:
-        raise SourceError(usage)
-    options = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise SourceError(f"{location}: unknown option {unknown[0]!r}; known: {', '.join(_OPTIONS)}")
+        raise SourceError(f"{location}: {usage}")
+    options = location_options(location, parts, _OPTIONS)
     memory = options.get("memory")
     if memory is not None and memory not in MEMORY_PATHS:
         raise SourceError(f"{location}: memory={memory!r} is none of {', '.join(MEMORY_PATHS)}")
