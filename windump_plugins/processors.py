@@ -67,16 +67,21 @@ def is_kernel_address(address: int) -> bool:
     return KERNEL_SPACE <= address < 1 << 64
 
 
-def read_processor_block(space: AddressSpace, kdbg: np.ndarray, count: int) -> tuple[int, ...]:
-    """The KPRCB addresses in KiProcessorBlock up to its first zero entry, reading ``count`` entries.
+def processor_block_entries(space: AddressSpace, kdbg: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` entries of KiProcessorBlock (KPRCB addresses, 0 for an empty slot).
 
     Raises WindumpError when the array cannot be read.
     """
     block = int(kdbg["KiProcessorBlock"])
     try:
-        entries = np.frombuffer(space.read(block, 8 * count), dtype="<u8")
+        return np.frombuffer(space.read(block, 8 * count), dtype="<u8")
     except WindumpError as error:
         raise WindumpError(f"KiProcessorBlock at {block:#x} is not readable: {error}") from None
+
+
+def read_processor_block(space: AddressSpace, kdbg: np.ndarray, count: int) -> tuple[int, ...]:
+    """The KPRCB addresses in KiProcessorBlock up to its first zero entry, reading ``count`` entries."""
+    entries = processor_block_entries(space, kdbg, count)
     zeros = np.flatnonzero(entries == 0)
     return tuple(entries[: zeros[0] if zeros.size else count].tolist())
 

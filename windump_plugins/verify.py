@@ -16,10 +16,11 @@ import numpy as np
 
 from .context import CONTEXT, CONTEXT_AMD64
 from .dumpfile import DumpFile, DumpHeader, open_dump, read_dump_header, unsupported_dump_type
-from .errors import FormatError, SourceError, TranslationError
+from .errors import FormatError, SourceError, TranslationError, WindumpError
 from .format import DUMP_TYPE_FULL, PAGE_SHIFT, X64, X86, body_size, header_runs
 from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from .paging import AddressSpace
+from .processors import MAX_PROCESSORS, processor_block_entries
 from .runs import check_runs
 
 #: The code selector of the Windows x64 kernel.
@@ -45,9 +46,6 @@ FILETIME_EPOCH = datetime.datetime(1601, 1, 1, tzinfo=datetime.timezone.utc)
 #: The last FILETIME Python's datetime can show (the end of 9999), in microseconds since 1601.
 LAST_FILETIME_MICROSECONDS = (datetime.datetime.max.replace(tzinfo=datetime.timezone.utc) - FILETIME_EPOCH) // (
     datetime.timedelta(microseconds=1))
-
-#: Windows runs on at most 32 processor groups of 64 logical processors.
-MAX_PROCESSORS = 2048
 
 HeaderCheck = Callable[[DumpHeader], list[str]]
 
@@ -247,11 +245,10 @@ def check_processor_contexts(dump: DumpFile, space: AddressSpace, kdbg: np.ndarr
     """Each KiProcessorBlock[i] -> KPRCB + OffsetPrcbContext -> CONTEXT is a kernel-mode AMD64
     CONTEXT, which WinDbg needs to show that processor's registers."""
     count = min(int(dump.header["NumberProcessors"]), MAX_PROCESSORS)  # more: check_number_processors says so
-    block = int(kdbg["KiProcessorBlock"])
     try:
-        prcbs = np.frombuffer(space.read(block, 8 * count), dtype="<u8")
-    except (TranslationError, SourceError) as exc:
-        return [f"KiProcessorBlock at {block:#x} is not readable: {exc}"]
+        prcbs = processor_block_entries(space, kdbg, count)
+    except WindumpError as exc:
+        return [str(exc)]
     offset = int(kdbg["OffsetPrcbContext"])
     problems = []
     for i, prcb in enumerate(prcbs.tolist()):

@@ -325,7 +325,6 @@ class _DumpStream:
         return None
 
     def _pread_copy(self, src_fd: int, offset: int, count: int) -> int:
-        self.behind.drain()
         view = self._chunk_buffer()[:count]
         got = os.preadv(src_fd, [view], offset)
         self._write_all(view[:got])
