@@ -28,6 +28,10 @@ DUMP_TYPE_BITMAP_KERNEL = 6
 IMAGE_FILE_MACHINE_AMD64 = 0x8664
 IMAGE_FILE_MACHINE_I386 = 0x14C
 
+#: Windows fills unused header bytes with this 32-bit pattern; readers have misread fields that
+#: still hold it, so windump zeroes it where readers look and verify reports it.
+PAGE_FILLER = int.from_bytes(SIGNATURE, "little")
+
 #: Bug-check code QEMU writes when the guest recorded none: the guest was alive when dumped.
 LIVE_SYSTEM_DUMP = 0x161
 

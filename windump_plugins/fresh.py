@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__
 from .context import context_from_registers
 from .errors import WindumpError
-from .format import EXCEPTION_RECORD64, layout
+from .format import EXCEPTION_RECORD64, PAGE_FILLER, layout
 from .header import WindumpWarning
 from .paging import AddressSpace
 
@@ -36,9 +36,6 @@ KSYSTEM_TIME_ATTEMPTS = 8
 #: The exception the header records: a breakpoint (STATUS_BREAKPOINT) at the context's RIP, as when
 #: a debugger breaks in.
 STATUS_BREAKPOINT = 0x80000003
-
-#: Windows fills unused header bytes with this 32-bit pattern.
-PAGE_FILLER = int.from_bytes(b"PAGE", "little")
 
 #: u32 fields readers show that the driver may leave holding the filler: zeroed when they do.
 FILLER_FIELDS = ("MiniDumpFields", "SecondaryDataState", "WriterStatus", "Attributes", "BootId")

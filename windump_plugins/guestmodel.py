@@ -26,6 +26,7 @@ from .context import CONTEXT, MXCSR_DEFAULT, context_from_registers
 from .errors import SourceError, TranslationError
 from .format import (DUMP_HEADER64, DUMP_TYPE_FULL, EXCEPTION_RECORD64, IMAGE_FILE_MACHINE_AMD64,
                      PAGE_SHIFT, PAGE_SIZE, SIGNATURE, VALID_DUMP64, layout, set_header_runs)
+from .fresh import KUSER_SHARED_DATA
 from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG, encode_kdbg
 from .source import CpuState
 
@@ -85,7 +86,6 @@ SAMPLE_RAM = ((0, 0xA0000), (0x100000, 0x1C00000), (0x1E00000, 0x2400000))
 KERNEL_BASE = 0xFFFFF806_52000000  # nt, one 2 MiB page
 KERNEL_DATA = KERNEL_BASE + 0x200000  # 4 KiB pages right after nt's large page
 LOW_MEMORY_ALIAS = 0xFFFFD000_00000000  # a 1 GiB page over physical [0, 1 GiB): the KPCRs
-KUSER_SHARED_DATA = 0xFFFFF780_00000000
 PFN_DATABASE = 0xFFFFB700_00000000  # value of nt!MmPfnDatabase; the array itself is not mapped
 
 # Processor-block geometry the KDBG advertises (model values, not those of a Windows build).

@@ -17,7 +17,7 @@ import numpy as np
 from .context import CONTEXT, CONTEXT_AMD64
 from .dumpfile import DumpFile, DumpHeader, open_dump, read_dump_header, unsupported_dump_type
 from .errors import FormatError, SourceError, TranslationError, WindumpError
-from .format import DUMP_TYPE_FULL, PAGE_SHIFT, X64, X86, body_size, header_runs
+from .format import DUMP_TYPE_FULL, PAGE_FILLER, PAGE_SHIFT, X64, X86, body_size, header_runs
 from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from .paging import AddressSpace
 from .processors import MAX_PROCESSORS, processor_block_entries
@@ -36,9 +36,6 @@ PADS = {
     ),
     X86.name: ((0x05E, 2, "pad after KdSecondaryVersion"),),
 }
-
-#: Windows fills unused header bytes with this; readers have misread fields that still hold it.
-PAGE_FILLER = int.from_bytes(b"PAGE", "little")
 
 NO_KERNEL_CONTEXT = "processor {} has no kernel CONTEXT: WinDbg will show 'Only x86 user-mode context is available'"
 
