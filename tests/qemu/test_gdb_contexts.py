@@ -95,7 +95,7 @@ def live_dumps() -> dict[str, LiveDump]:
 
 
 @pytest.fixture(params=CONTEXT_VARIANTS, ids=lambda v: v.name)
-def live(request, booted_once, live_dumps, run_windump, tmp_path) -> LiveDump:
+def live(request, booted_once, live_dumps, run_windump, tmp_path_factory) -> LiveDump:
     """``windump save gdb://...?keep-stopped`` of the stopped guest, RAM hashed before and after."""
     variant = request.param
     if variant.name not in live_dumps:
@@ -103,7 +103,7 @@ def live(request, booted_once, live_dumps, run_windump, tmp_path) -> LiveDump:
         port = booted.qemu.gdb_port
         shown = booted.qemu.registers()
         before = ram_digests(port)
-        dump = tmp_path / "live.dmp"
+        dump = tmp_path_factory.mktemp("live") / "live.dmp"
         result = run_windump("save", "--quiet", f"gdb://127.0.0.1:{port}?keep-stopped", str(dump), timeout=300)
         assert result.returncode == 0 and dump.exists(), result.stderr
         assert "warning" not in result.stderr, result.stderr
