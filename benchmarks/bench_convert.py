@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="where the ELF and its copies go (default: a temporary directory)")
     args = parser.parse_args(argv)
     size = QUICK_SIZE if args.quick else args.size
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="windump-bench-", dir=args.dir))
     try:
         figures = run(size, args.repeat, directory)

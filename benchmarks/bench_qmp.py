@@ -5,8 +5,9 @@ Boots the test guest of ``drivers/`` (``--size`` RAM, 4 GiB by default: 1 GiB of
 under QEMU with its RAM in a shared ``memory-backend-file`` under /dev/shm, lets it run, then for
 each memory path of the qmp source (``shm``, ``procmem``, ``stream``) and for QEMU's ``-w`` writes
 the dump into the same directory, each followed by ``sync`` inside its timing, ``--repeat`` rounds in
-turn (the disk of a small VM varies a lot from run to run: the table shows medians). windump's pause
-ends when guest RAM has been read; QEMU's lasts its whole dump. Prints a table and JSON.
+turn, each round starting with another job (the disk of a small VM varies a lot from run to run:
+the table shows medians). windump's pause ends when guest RAM has been read; QEMU's lasts its whole
+dump. Prints a table and JSON.
 
     python benchmarks/bench_qmp.py                 # 4 GiB guest
     python benchmarks/bench_qmp.py --size 256M --json out.json
@@ -52,6 +53,19 @@ def idle_ram(machine: Machine, workdir: Path):
         probe.kill()
 
 
+def windump_round(qemu: QemuGuest, path: str, output: Path) -> tuple[float, float]:
+    """``save`` through a fresh qmp source on ``path``: seconds with sync, and seconds paused."""
+    qemu.qmp.close()
+    qemu.qmp = None
+    source = QmpSource(str(qemu.qmp_path), memory=path, timeout=60)
+    try:
+        seconds = synced(lambda: save(source, output))
+    finally:
+        source.close()
+        qemu._connect_qmp()
+    return seconds, source.paused_seconds
+
+
 def run(memory: str, directory: Path, paths: list[str], repeat: int) -> dict:
     """Boot the guest once, then ``repeat`` rounds of every windump path and QEMU's ``-w`` in turn;
     each entry keeps every round's figures and their medians."""
@@ -68,25 +82,19 @@ def run(memory: str, directory: Path, paths: list[str], repeat: int) -> dict:
         qemu.boot()
         qemu.wait_halted()
         output = directory / "guest.dmp"
-        for _ in range(repeat):
-            for path in paths:
+        jobs = [*paths, "qemu_w"]
+        for turn in range(repeat):
+            for name in jobs[turn % len(jobs):] + jobs[:turn % len(jobs)]:  # no job always goes first
                 qemu.execute("cont")
-                qemu.qmp.close()
-                qemu.qmp = None
-                source = QmpSource(str(qemu.qmp_path), memory=path, timeout=60)
-                try:
-                    seconds = synced(lambda: save(source, output))
-                finally:
-                    source.close()
-                    qemu._connect_qmp()
-                rounds.setdefault(path, []).append(
-                    {"seconds": seconds, "paused_seconds": source.paused_seconds, "dump_bytes": output.stat().st_size})
+                if name == "qemu_w":
+                    seconds = synced(lambda: qemu.dump(output))  # QEMU pauses the guest for its whole dump
+                    paused = qemu.last_dump_seconds
+                else:
+                    seconds, paused = windump_round(qemu, name, output)
+                rounds.setdefault(name, []).append(
+                    {"seconds": seconds, "paused_seconds": paused, "dump_bytes": output.stat().st_size})
                 output.unlink()
-            qemu.execute("cont")
-            seconds = synced(lambda: qemu.dump(output))  # QEMU pauses the guest for its whole dump
-            rounds.setdefault("qemu_w", []).append(
-                {"seconds": seconds, "paused_seconds": qemu.last_dump_seconds, "dump_bytes": output.stat().st_size})
-            output.unlink()
+                subprocess.run(["sync"], check=True)  # the freed blocks' discard, outside every timing
     finally:
         qemu.kill()
         Path(mem_path).unlink(missing_ok=True)
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if missing_tools():
         raise SystemExit(f"bench_qmp: needs {', '.join(missing_tools())}")
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="windump-bench-qmp-", dir=args.dir))
     try:
         figures = run(args.size, directory, args.paths.split(","), args.repeat)

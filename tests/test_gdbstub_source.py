@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import os
 import re
 import shutil
@@ -252,6 +254,28 @@ def test_process_memory_reads_and_refuses_holes():
         assert copy == data.tobytes()
         with pytest.raises(SourceError, match=r"cannot read process \d+ at 0x1000:"):
             process.readinto(0x1000, memoryview(copy))  # the zero page is never mapped
+    finally:
+        process.close()
+
+
+def test_process_memory_falls_back_to_proc_mem_when_the_call_is_denied():
+    """A seccomp filter that denies process_vm_readv (EPERM) leaves /proc/PID/mem to read with."""
+    data = np.frombuffer(os.urandom(2 * 4096), dtype=np.uint8).copy()
+    process = ProcessMemory(os.getpid())
+    calls = []
+
+    def denied(*arguments):
+        calls.append(arguments)
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    process._vm_readv = denied
+    try:
+        copy = bytearray(len(data))
+        process.readinto(data.ctypes.data, memoryview(copy))
+        process.readinto(data.ctypes.data, memoryview(copy))
+        assert copy == data.tobytes()
+        assert len(calls) == 1  # asked once, then /proc/PID/mem for good
     finally:
         process.close()
 

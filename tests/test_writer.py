@@ -97,6 +97,7 @@ def dump_header(runs=RUNS, fmt=X64) -> bytes:
 def small_chunks(monkeypatch):
     """Chunks of three pages and progress every four, so small dumps take many steps."""
     monkeypatch.setattr(writer, "CHUNK_SIZE", 3 * PAGE_SIZE)
+    monkeypatch.setattr(writer, "BUFFER_SIZE", 3 * PAGE_SIZE)
     monkeypatch.setattr(writer, "PROGRESS_INTERVAL", 4 * PAGE_SIZE)
 
 

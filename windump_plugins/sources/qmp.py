@@ -11,8 +11,8 @@ Guest RAM is read by the first of these that works (``?memory=`` forces one):
 1. ``shm``: RAM backends ``memory-backend-file`` with ``share=on`` (found with ``qom-list`` and
    ``qom-get`` under /objects) are mapped read-only from their ``mem-path``; ``info mtree -f`` says
    which backend offset each guest-physical range is. Other RAM blocks go through path 2.
-2. ``procmem``: ``/proc/PID/mem`` of QEMU (PID from SO_PEERCRED) at the host addresses ``gpa2hva``
-   names.
+2. ``procmem``: QEMU's process memory (PID from SO_PEERCRED) at the host addresses ``gpa2hva``
+   names, copied with ``process_vm_readv`` (``/proc/PID/mem`` where that call is denied).
 3. ``stream``: QEMU's own ELF dump (``paging=false``, ``format=elf``, detached) read front to back
    from a pipe passed with ``getfd``; PT_LOADs come in physical order, as the dump's runs are read,
    so nothing touches the disk. Reads the dump needs *before* its body (KDBG, bug-check data, page
