@@ -17,7 +17,7 @@ from corpus.files import Elf, model_guest, tiny_elf
 from windump_plugins.dumpfile import DumpFile
 from windump_plugins.elfnotes import cpu_states, parse_notes, vmcoreinfo_note
 from windump_plugins.errors import WindumpError
-from windump_plugins.format import X64, header_runs, parse_header
+from windump_plugins.format import X64, header_runs
 from windump_plugins.header import _parse_note
 from windump_plugins.rsp import decode
 from windump_plugins.save import save
