@@ -11,7 +11,6 @@ loaded plugins offer.
 from __future__ import annotations
 
 import functools
-import os
 import struct
 import tempfile
 from collections.abc import Callable
