@@ -13,14 +13,11 @@ peak RssAnon of the windump process (sampled from ``/proc/PID/status``), as a ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from scratch import in_scratch_directory, publish  # noqa: E402  (beside this script)
 from elfmaker import write_qemu_elf  # noqa: E402  (the test suite's QEMU ELF writer)
 
 from windump_plugins.format import PAGE_SHIFT, PAGE_SIZE  # noqa: E402
@@ -178,17 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="where the ELF and its copies go (default: a temporary directory)")
     args = parser.parse_args(argv)
     size = QUICK_SIZE if args.quick else args.size
-    if args.dir:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="windump-bench-", dir=args.dir))
-    try:
-        figures = run(size, args.repeat, directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    print(table(figures))
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    figures = in_scratch_directory("windump-bench-", args.dir, lambda directory: run(size, args.repeat, directory))
+    publish(figures, table(figures), args.json)
     return 0
 
 

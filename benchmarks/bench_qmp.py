@@ -16,19 +16,17 @@ dump. Prints a table and JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "qemu"))
 
+from scratch import in_scratch_directory, publish  # noqa: E402  (beside this script)
 from qemu_guest import Machine, QemuGuest, build_guest, missing_tools, parse_ram  # noqa: E402
 
 from windump_plugins.guestmodel import CrashedGuest  # noqa: E402
@@ -130,17 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if missing_tools():
         raise SystemExit(f"bench_qmp: needs {', '.join(missing_tools())}")
-    if args.dir:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix="windump-bench-qmp-", dir=args.dir))
-    try:
-        figures = run(args.size, directory, args.paths.split(","), args.repeat)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    print(table(figures))
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    figures = in_scratch_directory("windump-bench-qmp-", args.dir, lambda directory: run(args.size, directory, args.paths.split(","), args.repeat))
+    publish(figures, table(figures), args.json)
     return 0
 
 

@@ -155,6 +155,22 @@ FlatView #2
 """
 
 
+def interrupt_third_parse(monkeypatch) -> list[int]:
+    """Ctrl-C at the third batch of ``m`` replies parsed, with more still in flight; returns the
+    list that counts the batches."""
+    parse = RemoteStub._parse_memory_replies
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return parse(self, *args)
+
+    monkeypatch.setattr(RemoteStub, "_parse_memory_replies", interrupted)
+    return calls
+
+
 def test_mtree_keeps_only_ram_of_address_space_memory():
     assert parse_mtree(MTREE) == [
         (0x0, 0xA0000, "pc.ram"),
@@ -351,16 +367,7 @@ def test_phy_mem_mode_restored_after_errors(qemu, monkeypatch):
         stub.set_phy_mem_mode(0)
 
         # Ctrl-C in the middle of a pipelined read: replies still in flight are drained first.
-        parse = RemoteStub._parse_memory_replies
-        calls = []
-
-        def interrupted(self, *args):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return parse(self, *args)
-
-        monkeypatch.setattr(RemoteStub, "_parse_memory_replies", interrupted)
+        calls = interrupt_third_parse(monkeypatch)
         with pytest.raises(KeyboardInterrupt), stub.physical_memory():
             stub.read_memory(0x100000, 0x100000)  # at least 0x100000 / 0x800 / READ_WINDOW batches
         monkeypatch.undo()
@@ -597,17 +604,8 @@ def test_failed_reconnection_is_in_the_error(persistent_stub):
 
 def test_ctrl_c_mid_read_restores_phymemmode_over_the_same_connection(persistent_stub, monkeypatch):
     stub = persistent_stub(running=False)
-    parse = RemoteStub._parse_memory_replies
-    calls = []
-
-    def interrupted(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return parse(self, *args)
-
     source = GdbStubSource("127.0.0.1", stub.port, packets=True)
-    monkeypatch.setattr(RemoteStub, "_parse_memory_replies", interrupted)
+    interrupt_third_parse(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         source.read(0, 0x100000)
     monkeypatch.undo()
