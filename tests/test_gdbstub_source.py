@@ -28,7 +28,7 @@ from windump_plugins.procmem import ProcessMemory, peer_pid
 from windump_plugins.rsp import RemoteStub, frame
 from windump_plugins.sources import gdbstub
 from windump_plugins import vmcoreinfo
-from windump_plugins.sources.gdbstub import GdbStubSource, parse_debug_registers, parse_location, parse_mtree
+from windump_plugins.sources.gdbstub import GdbStubSource, parse_debug_registers, parse_location
 from windump_plugins.vmcoreinfo import find_notes
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -129,32 +129,6 @@ def phy_mem_mode(location: str) -> int:
 
 # --- no QEMU needed -------------------------------------------------------------------------------
 
-MTREE = """FlatView #0
- AS "cpu-smm-0", root: memory
- Root memory region: memory
-  0000000000000000-000000000009ffff (prio 0, ram): pc.ram
-  0000000000a0000-00000000000bffff (prio 1, ram): smram
-
-FlatView #1
- AS "memory", root: system
- AS "cpu-memory-0", root: system
- Root memory region: system
-  0000000000000000-000000000009ffff (prio 0, ram): pc.ram
-  00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
-  00000000000c0000-00000000000c7fff (prio 0, rom): pc.ram @00000000000c0000
-  00000000000c8000-00000000000fffff (prio 0, ram): pc.ram @00000000000c8000
-  0000000000100000-00000000bfffffff (prio 0, ram): pc.ram @0000000000100000
-  00000000fd000000-00000000fdffffff (prio 1, ramd): vga.vram
-  00000000fe000000-00000000fe000fff (prio 1, romd): pflash
-  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @00000000c0000000
-
-FlatView #2
- AS "I/O", root: io
- Root memory region: io
-  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
-"""
-
-
 def interrupt_third_parse(monkeypatch) -> list[int]:
     """Ctrl-C at the third batch of ``m`` replies parsed, with more still in flight; returns the
     list that counts the batches."""
@@ -169,17 +143,6 @@ def interrupt_third_parse(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(RemoteStub, "_parse_memory_replies", interrupted)
     return calls
-
-
-def test_mtree_keeps_only_ram_of_address_space_memory():
-    assert parse_mtree(MTREE) == [
-        (0x0, 0xA0000, "pc.ram"),
-        (0xC8000, 0x100000, "pc.ram"),
-        (0x100000, 0xC0000000, "pc.ram"),
-        (0x100000000, 0x140000000, "pc.ram"),
-    ]
-    with pytest.raises(SourceError, match='no flat view of address space "memory"'):
-        parse_mtree(MTREE.split("FlatView #1")[0])
 
 
 #: HMP ``info registers -a`` as QEMU prints it (abridged): vCPU 0 in long mode with AVX enabled (YMM
@@ -376,7 +339,7 @@ def test_phy_mem_mode_restored_after_errors(qemu, monkeypatch):
             assert stub.read_memory(0x100000, 0x10000) == b"\xa5" * 0x10000
         assert len(calls) == 3
 
-    monkeypatch.setattr(gdbstub, "parse_mtree", lambda text: (_ for _ in ()).throw(SourceError("injected")))
+    monkeypatch.setattr(gdbstub, "parse_ram_map", lambda text: (_ for _ in ()).throw(SourceError("injected")))
     with pytest.raises(SourceError, match="injected"):
         GdbStubSource(host, port)
     assert phy_mem_mode(qemu.location) == 0

@@ -1,5 +1,5 @@
-"""The qmp source's parts that need no QEMU: location parsing, the ``info mtree -f`` RAM map, the
-forward-only ELF stream, and its plugin hooks."""
+"""The qmp source's parts that need no QEMU: location parsing, the forward-only ELF stream, and its
+plugin hooks."""
 
 from __future__ import annotations
 
@@ -13,45 +13,7 @@ from windump_plugins.errors import FormatError, SourceError
 from windump_plugins.plugins import Plugins
 from windump_plugins.sources import qmp
 from windump_plugins.elfstream import ElfStream
-from windump_plugins.sources.qmp import RamRegion, parse_location, parse_ram_map
-
-MTREE = """\
-FlatView #0
- AS "I/O", root: io
- Root memory region: io
-  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
-
-FlatView #1
- AS "memory", root: system
- AS "cpu-memory-0", root: system
- Root memory region: system
-  0000000000000000-000000000009ffff (prio 0, ram): ram
-  00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
-  00000000000c0000-00000000000dffff (prio 1, rom): pc.rom
-  0000000000100000-00000000bfffffff (prio 0, ram): ram @0000000000100000
-  00000000fd000000-00000000fdffffff (prio 1, ram): vga.vram
-  00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios
-  0000000100000000-000000013fffffff (prio 0, ram): ram @00000000c0000000
-
-FlatView #2
- AS "cpu-smm-0", root: memory
-  0000000000000000-000000000009ffff (prio 0, ram): smram
-"""
-
-
-def test_parse_ram_map_keeps_block_offsets():
-    assert parse_ram_map(MTREE) == [
-        RamRegion(0, 0xA0000, "ram", 0),
-        RamRegion(0x100000, 0xC0000000, "ram", 0x100000),
-        RamRegion(0xFD000000, 0xFE000000, "vga.vram", 0),
-        RamRegion(0x100000000, 0x140000000, "ram", 0xC0000000),
-    ]
-
-
-def test_parse_ram_map_without_memory_view():
-    with pytest.raises(SourceError, match='no flat view of address space "memory"'):
-        parse_ram_map(MTREE.split("FlatView #1")[0])
-
+from windump_plugins.sources.qmp import parse_location
 
 @pytest.mark.parametrize("location, expected", [
     ("qmp:/run/qemu/win.sock", {"address": "/run/qemu/win.sock", "memory": None, "timeout": 10.0}),

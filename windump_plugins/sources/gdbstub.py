@@ -24,6 +24,7 @@ from ..header import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
+from ..hmp import RamRegion, parse_host_address, parse_ram_map
 from ..procmem import ProcessMemory, peer_pid
 from ..rsp import RemoteStub
 from ..runs import merge_ranges
@@ -48,24 +49,8 @@ RECONNECT_TIMEOUT = 3.0
 
 _OPTIONS = ("keep-stopped", "header-pa", "packets", "timeout")
 
-_FLATVIEW_ENTRY = re.compile(r"^ +([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([\w/-]+)\): (.*)$", re.M)
-_HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")
 _HMP_CPU = re.compile(r"^CPU#(\d+)[ \t]*$", re.M)
 _HMP_DEBUG_REGISTER = re.compile(r"\bDR([0-7])=([0-9a-fA-F]+)\b")
-
-
-def parse_mtree(text: str) -> list[tuple[int, int, str]]:
-    """The RAM of address space "memory" in ``info mtree -f`` output: ``(start, end, name)`` rows,
-    ``end`` exclusive, sorted. ROM, ROM devices, RAM devices and I/O are left out: reading MMIO has
-    side effects, and PhyMemMode reads never fail, so whatever we call RAM is trusted."""
-    for view in re.split(r"^FlatView #\d+\n", text, flags=re.M):
-        if re.search(r'^ AS "memory",', view, flags=re.M):
-            return [
-                (int(start, 16), int(end, 16) + 1, name.split(" @")[0])
-                for start, end, kind, name in _FLATVIEW_ENTRY.findall(view)
-                if kind == "ram"
-            ]
-    raise SourceError('"info mtree -f" shows no flat view of address space "memory"')
 
 
 def parse_debug_registers(text: str) -> list[tuple[int, dict[str, int]]]:
@@ -198,11 +183,11 @@ class GdbStubSource(MemorySource):
         self._stack.callback(self._leave_qemu)
         if self._saved_phy_mem_mode != 1:
             stub.set_phy_mem_mode(1)
-        regions = parse_mtree(stub.monitor("info mtree -f"))
+        regions = parse_ram_map(stub.monitor("info mtree -f"))
         if not regions:
             raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
-        self._region_starts = np.array([start for start, _, _ in regions], dtype=np.uint64)
-        self._region_ends = np.array([end for _, end, _ in regions], dtype=np.uint64)
+        self._region_starts = np.array([region.start for region in regions], dtype=np.uint64)
+        self._region_ends = np.array([region.end for region in regions], dtype=np.uint64)
         self._ram = merge_ranges(np.stack([self._region_starts, self._region_ends], axis=1))
         if not packets:
             self._open_fast_path(regions)
@@ -246,7 +231,7 @@ class GdbStubSource(MemorySource):
             self._interrupted = True
             raise
 
-    def _open_fast_path(self, regions: list[tuple[int, int, str]]) -> None:
+    def _open_fast_path(self, regions: list[RamRegion]) -> None:
         """Switch reads to ``/proc/PID/mem`` of QEMU when it is local, mapped and agrees with the stub."""
         connection = self.stub.connection
         pid = None if connection is None else peer_pid(connection)
@@ -255,12 +240,12 @@ class GdbStubSource(MemorySource):
                                       else "the connection to the stub is not a TCP socket of this process")
             return
         host_addresses = []
-        for start, _, name in regions:
-            match = _HOST_ADDRESS.search(self.stub.monitor(f"gpa2hva {start:#x}"))
-            if match is None:
-                self.fast_path_problem = f"gpa2hva gives no host address for {name} at {start:#x}"
+        for region in regions:
+            address = parse_host_address(self.stub.monitor(f"gpa2hva {region.start:#x}"))
+            if address is None:
+                self.fast_path_problem = f"gpa2hva gives no host address for {region.block} at {region.start:#x}"
                 return
-            host_addresses.append(int(match[1], 16))
+            host_addresses.append(address)
         try:
             process = ProcessMemory(pid)
         except SourceError as error:
@@ -269,12 +254,13 @@ class GdbStubSource(MemorySource):
         self._stack.callback(process.close)
         self._host_addresses = np.array(host_addresses, dtype=np.uint64)
         try:
-            for (start, end, name), host in zip(regions, host_addresses):
-                probe = min(PAGE_SIZE, end - start)
+            for region, host in zip(regions, host_addresses):
+                probe = min(PAGE_SIZE, region.end - region.start)
                 direct = bytearray(probe)
                 process.readinto(host, memoryview(direct))
-                if direct != self.stub.read_memory(start, probe):
-                    self.fast_path_problem = f"process {pid} memory differs from the stub's at {start:#x} ({name})"
+                if direct != self.stub.read_memory(region.start, probe):
+                    self.fast_path_problem = (f"process {pid} memory differs from the stub's at {region.start:#x} "
+                                              f"({region.block})")
                     return
         except SourceError as error:
             self.fast_path_problem = str(error)

@@ -34,7 +34,6 @@ import fcntl
 import itertools
 import mmap
 import os
-import re
 import shutil
 import socket
 import struct
@@ -42,7 +41,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 import numpy as np
 from qemu.qmp import ExecuteError, QMPError
@@ -54,6 +53,7 @@ from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
 from ..elfstream import ElfStream
+from ..hmp import parse_host_address, parse_ram_map
 from ..procmem import ProcessMemory, peer_pid
 from ..runs import merge_ranges
 from ..source import CpuState, FileExtent, MemorySource
@@ -86,29 +86,6 @@ NO_NOTE_MESSAGE = (
     "the guest published no VMCOREINFO note: is the fwcfg driver (virtio-win fwcfg64) installed and "
     "running in the guest? QEMU has the vmcoreinfo device"
 )
-
-_FLATVIEW_ENTRY = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]+))?", re.M)
-_HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")
-
-
-class RamRegion(NamedTuple):
-    """A guest-physical RAM range of ``info mtree -f``: ``offset`` bytes into RAM block ``block``."""
-
-    start: int
-    end: int
-    block: str
-    offset: int
-
-
-def parse_ram_map(text: str) -> list[RamRegion]:
-    """The RAM ranges of address space "memory" in HMP ``info mtree -f``, sorted, ``end`` exclusive
-    (ROM, ROM devices and I/O left out: reading MMIO has side effects)."""
-    for view in re.split(r"^FlatView #\d+\n", text, flags=re.M):
-        if re.search(r'^ AS "memory",', view, flags=re.M):
-            return [RamRegion(int(start, 16), int(last, 16) + 1, block, int(offset or "0", 16))
-                    for start, last, block, offset in _FLATVIEW_ENTRY.findall(view)]
-    raise SourceError('"info mtree -f" shows no flat view of address space "memory"')
-
 
 def parse_location(location: str) -> dict | None:
     """Keyword arguments of :class:`QmpSource` for ``qmp:PATH`` or ``qmp://HOST:PORT`` (each with
@@ -487,10 +464,10 @@ class QmpSource(MemorySource):
     def _host_addresses(self) -> list[int] | str:
         addresses = []
         for region in self._regions:
-            match = _HOST_ADDRESS.search(self._hmp(f"gpa2hva {region.start:#x}"))
-            if match is None:
+            address = parse_host_address(self._hmp(f"gpa2hva {region.start:#x}"))
+            if address is None:
                 return f"gpa2hva gives no host address for {region.block} at {region.start:#x}"
-            addresses.append(int(match[1], 16))
+            addresses.append(address)
         return addresses
 
     def _open_process(self) -> ProcessMemory | str:
