@@ -19,7 +19,7 @@ from windump_plugins.elfnotes import cpu_states, parse_notes, vmcoreinfo_note
 from windump_plugins.errors import WindumpError
 from windump_plugins.format import X64, header_runs
 from windump_plugins.header import _parse_note
-from windump_plugins.rsp import decode
+from windump_plugins.rsppacket import decode
 from windump_plugins.save import save
 from windump_plugins.runs import check_runs
 from windump_plugins.sources.elf import ElfSource

@@ -25,7 +25,8 @@ from windump_plugins.errors import SourceError
 from windump_plugins.header import WindumpWarning
 from windump_plugins.plugins import Plugins
 from windump_plugins.procmem import ProcessMemory, peer_pid
-from windump_plugins.rsp import RemoteStub, frame
+from windump_plugins.rsp import RemoteStub
+from windump_plugins.rsppacket import frame
 from windump_plugins.sources import gdbstub
 from windump_plugins import vmcoreinfo
 from windump_plugins.sources.gdbstub import GdbStubSource, parse_debug_registers, parse_location

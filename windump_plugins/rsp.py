@@ -1,8 +1,8 @@
 """A client for the GDB remote serial protocol (RSP) as QEMU's gdbstub speaks it, without a gdb binary.
 
-It frames packets (checksums, acks, escapes, run-length replies), asks the stub what it supports,
-names registers from the stub's target description, runs monitor (HMP) commands with ``qRcmd``, and
-reads memory with many ``m`` requests in flight, since one ``m`` carries at most PacketSize/2 bytes
+It exchanges packets (framed by :mod:`rsppacket`) with acks, asks the stub what it supports, names
+registers from the stub's target description (:mod:`targetxml`), runs monitor (HMP) commands with
+``qRcmd``, and reads memory with many ``m`` requests in flight, since one ``m`` carries at most PacketSize/2 bytes
 and a round trip per packet is what makes gdb's own ``dump memory`` slow.
 """
 
@@ -16,14 +16,12 @@ import select
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import SourceError
-
-#: Bytes that must be escaped inside a packet: ``}`` then the byte XOR 0x20.
-_ESCAPED = frozenset(b"$#}*")
+from .rsppacket import HEX_VALUE, checksum, decode, frame, read_request
+from .targetxml import Register, parse_target_description, xml_includes
 
 #: ``m`` requests kept in flight by :meth:`RemoteStub.readinto`.
 READ_WINDOW = 64
@@ -33,11 +31,6 @@ _STOP_REPLY = re.compile(rb"[TS][0-9a-fA-F]{2}")
 
 #: The thread ids of a ``qfThreadInfo`` reply after its ``m``: ``1,2`` or, multiprocess, ``p1.1,p1.2``.
 _THREAD_IDS = re.compile(rb"[0-9a-fA-Fp.,-]+")
-
-#: ASCII code -> value of a hex digit (0x100, never a checksum, for anything else).
-_HEX_VALUE = np.full(256, 0x100, dtype=np.uint16)
-for _digit in b"0123456789abcdefABCDEF":
-    _HEX_VALUE[_digit] = int(chr(_digit), 16)
 
 #: Socket receive buffer asked for (the kernel caps it at net.core.rmem_max).
 RECEIVE_BUFFER = 4 << 20
@@ -59,122 +52,6 @@ QUIET_SECONDS = 0.25
 
 #: And it must fall silent within this long (s).
 RESYNC_SECONDS = 2.0
-
-
-def checksum(payload: bytes) -> int:
-    """The packet checksum: the sum of the payload bytes modulo 256."""
-    return sum(payload) & 0xFF
-
-
-def escape(payload: bytes) -> bytes:
-    """``payload`` with ``$ # } *`` escaped as ``}`` and the byte XOR 0x20."""
-    if not _ESCAPED.intersection(payload):
-        return payload
-    out = bytearray()
-    for byte in payload:
-        if byte in _ESCAPED:
-            out += bytes((0x7D, byte ^ 0x20))
-        else:
-            out.append(byte)
-    return bytes(out)
-
-
-def frame(payload: bytes) -> bytes:
-    """``$payload#cs``: one packet ready for the wire, escaped."""
-    body = escape(payload)
-    return b"$%s#%02x" % (body, checksum(body))
-
-
-def _read_request(address: int, length: int) -> bytes:
-    """The framed ``m`` packet for ``length`` bytes at ``address`` (hex digits need no escapes)."""
-    body = b"m%x,%x" % (address, length)
-    return b"$%s#%02x" % (body, sum(body) & 0xFF)
-
-
-def decode(body: bytes, origin: str = "gdbstub") -> bytes:
-    """A received packet body with escapes undone and run lengths (``X*n``: ``n - 29`` more ``X``)
-    expanded; ``origin`` starts the message of a body cut inside either."""
-    if b"}" not in body and b"*" not in body:
-        return bytes(body)
-    out = bytearray()
-    i = 0
-    while i < len(body):
-        byte = body[i]
-        if byte in b"}*" and i + 1 == len(body):
-            raise SourceError(f"{origin}: reply ends inside an escape or run length")
-        if byte == 0x7D:
-            out.append(body[i + 1] ^ 0x20)
-            i += 2
-        elif byte == 0x2A:
-            if not out:
-                raise SourceError("gdbstub reply starts with a run-length marker: not a valid packet")
-            out += bytes((out[-1],)) * (body[i + 1] - 29)
-            i += 2
-        else:
-            out.append(byte)
-            i += 1
-    return bytes(out)
-
-
-@dataclass(frozen=True)
-class Register:
-    """One register of the stub's target description: where it sits in a ``g`` reply."""
-
-    name: str
-    regnum: int
-    bitsize: int
-    offset: int  # in bytes within the ``g`` reply
-
-    @property
-    def size(self) -> int:
-        return self.bitsize // 8
-
-
-_XML_ELEMENT = re.compile(rb"<(reg|xi:include)\s([^>]*)>")
-_XML_ATTRIBUTE = re.compile(rb"([\w:-]+)\s*=\s*\"([^\"]*)\"")
-
-
-def _elements(document: bytes) -> Iterator[tuple[bytes, dict[str, str]]]:
-    """``(tag, attributes)`` of each ``reg`` and ``xi:include`` in document order.
-
-    A pattern, not an XML parser: QEMU's ``target.xml`` uses the ``xi`` prefix without declaring it.
-    """
-    document = re.sub(rb"<!--.*?-->", b"", document, flags=re.S)
-    for match in _XML_ELEMENT.finditer(document):
-        yield match[1], {name.decode(): value.decode() for name, value in _XML_ATTRIBUTE.findall(match[2])}
-
-
-def parse_target_description(documents: dict[str, bytes], root: str = "target.xml") -> list[Register]:
-    """The registers of a target description, following ``xi:include``, in ``g`` order.
-
-    A ``<reg>`` without ``regnum`` takes the number after the previous one, as gdb numbers them.
-    """
-    registers: list[Register] = []
-    regnum = 0
-
-    def walk(name: str) -> None:
-        nonlocal regnum
-        for tag, attributes in _elements(documents[name]):
-            if tag == b"xi:include":
-                walk(attributes["href"])
-            else:
-                regnum = int(attributes.get("regnum", regnum))
-                registers.append(Register(attributes["name"], regnum, int(attributes["bitsize"]), 0))
-                regnum += 1
-
-    walk(root)
-    registers.sort(key=lambda register: register.regnum)
-    placed = []
-    offset = 0
-    for register in registers:
-        placed.append(Register(register.name, register.regnum, register.bitsize, offset))
-        offset += register.size
-    return placed
-
-
-def xml_includes(document: bytes) -> list[str]:
-    """The ``href`` of every ``xi:include`` in a target-description document."""
-    return [attributes["href"] for tag, attributes in _elements(document) if tag == b"xi:include"]
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -654,7 +531,7 @@ class RemoteStub(QemuQueries):
         while done < len(offsets):
             if sent - done <= READ_WINDOW // 2 and sent < len(offsets):
                 batch = offsets[sent : done + READ_WINDOW]
-                requests = b"".join(_read_request(address + o, min(size, len(view) - o)) for o in batch)
+                requests = b"".join(read_request(address + o, min(size, len(view) - o)) for o in batch)
                 self._pending += len(batch)  # before sending: an interrupted send leaves the count high, not low
                 self._send(requests)
                 sent += len(batch)
@@ -693,7 +570,7 @@ class RemoteStub(QemuQueries):
         )
         if regular:
             sums = digits.sum(axis=1, dtype=np.uint8)  # wraps: exactly the sum mod 256
-            stated = _HEX_VALUE[frames[:, stride - 2]] * 16 + _HEX_VALUE[frames[:, stride - 1]]
+            stated = HEX_VALUE[frames[:, stride - 2]] * 16 + HEX_VALUE[frames[:, stride - 1]]
             regular = bool((sums == stated).all())
             try:
                 data = binascii.a2b_hex(np.ascontiguousarray(digits)) if regular else b""
@@ -727,7 +604,7 @@ class RemoteStub(QemuQueries):
         cuts = np.stack([starts + 1, ends], axis=1).ravel()
         sums = np.add.reduceat(raw, cuts, dtype=np.uint8)[::2]  # wraps: exactly the sum mod 256
         sums = np.where(ends > starts + 1, sums, 0)
-        stated = _HEX_VALUE[raw[ends + 1]] * 16 + _HEX_VALUE[raw[ends + 2]]  # above 0xff: not hex
+        stated = HEX_VALUE[raw[ends + 1]] * 16 + HEX_VALUE[raw[ends + 2]]  # above 0xff: not hex
         del raw  # the bytearray cannot shrink while numpy views it
         try:
             for (start, end), total, expected, index in zip(spans, sums.tolist(), stated.tolist(), range(done, done + len(spans))):

@@ -16,7 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from windump_plugins.rsp import RemoteStub, frame
+from windump_plugins.rsp import RemoteStub
+from windump_plugins.rsppacket import frame
 
 PACKET = re.compile(rb"\$[^#]*#..", re.S)
 
