@@ -1,11 +1,12 @@
-"""The HMP answers the live sources parse: ``info mtree -f`` RAM maps and ``gpa2hva``."""
+"""The HMP answers the live sources parse (``info mtree -f`` RAM maps, ``gpa2hva``) and reads split
+along the RAM map."""
 
 from __future__ import annotations
 
 import pytest
 
 from windump_plugins.errors import SourceError
-from windump_plugins.hmp import RamRegion, parse_host_address, parse_ram_map
+from windump_plugins.hmp import RamLayout, RamRegion, parse_host_address, parse_ram_map
 
 #: ``info mtree -f`` of a ``pc`` guest with 4 GiB (RAM above 3 GiB moves to 4 GiB), with ROM, ROM
 #: devices, RAM devices and the SMM view that must not count as RAM.
@@ -86,3 +87,11 @@ def test_no_memory_view_is_an_error(text):
 def test_host_address_of_gpa2hva():
     assert parse_host_address("Host virtual address for 0x100000 (pc.ram) is 0x7f3a5be00000\r\n") == 0x7F3A5BE00000
     assert parse_host_address("No memory is mapped at address 0xfe000000\r\n") is None
+
+
+def test_layout_merges_ram_and_splits_reads_where_regions_end():
+    layout = RamLayout(parse_ram_map(PC_MTREE))
+    assert layout.ram.tolist() == [[0x0, 0xA0000], [0xC8000, 0xC0000000], [0x100000000, 0x140000000]]
+    # 0x2000 bytes across the seam between the two pc.ram regions at 1 MiB.
+    assert list(layout.pieces(0xFF000, 0x2000)) == [(1, 0, 0x37000, 0x1000), (2, 0x1000, 0, 0x1000)]
+    assert list(layout.pieces(0x100000010, 0x20)) == [(3, 0, 0x10, 0x20)]

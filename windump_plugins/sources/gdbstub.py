@@ -24,10 +24,9 @@ from ..header import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
-from ..hmp import RamRegion, parse_host_address, parse_ram_map
+from ..hmp import RamLayout, RamRegion, parse_host_address, parse_ram_map
 from ..procmem import ProcessMemory, peer_pid
 from ..rsp import RemoteStub
-from ..runs import merge_ranges
 from ..source import CpuState, MemorySource
 from ..vmcoreinfo import NOTE_HEADER_SIZE, parse_note, scan_for_note
 
@@ -186,9 +185,7 @@ class GdbStubSource(MemorySource):
         regions = parse_ram_map(stub.monitor("info mtree -f"))
         if not regions:
             raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
-        self._region_starts = np.array([region.start for region in regions], dtype=np.uint64)
-        self._region_ends = np.array([region.end for region in regions], dtype=np.uint64)
-        self._ram = merge_ranges(np.stack([self._region_starts, self._region_ends], axis=1))
+        self._layout = RamLayout(regions)
         if not packets:
             self._open_fast_path(regions)
 
@@ -252,7 +249,7 @@ class GdbStubSource(MemorySource):
             self.fast_path_problem = str(error)
             return
         self._stack.callback(process.close)
-        self._host_addresses = np.array(host_addresses, dtype=np.uint64)
+        self._host_addresses = host_addresses
         try:
             for region, host in zip(regions, host_addresses):
                 probe = min(PAGE_SIZE, region.end - region.start)
@@ -271,7 +268,7 @@ class GdbStubSource(MemorySource):
 
     @property
     def ram(self) -> np.ndarray:
-        return self._ram
+        return self._layout.ram
 
     def readinto(self, address: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
@@ -280,20 +277,8 @@ class GdbStubSource(MemorySource):
             with self._noting_interruptions():
                 self.stub.readinto(address, view)
             return
-        for region, offset, length in self._pieces(address, len(view)):
-            start = int(self._region_starts[region])
-            host = int(self._host_addresses[region]) + address + offset - start
-            self._process.readinto(host, view[offset : offset + length])
-
-    def _pieces(self, address: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """``(region, buffer offset, length)`` for each mtree region the range crosses."""
-        offset = 0
-        region = int(np.searchsorted(self._region_starts, np.uint64(address), side="right")) - 1
-        while offset < length:
-            piece = min(length - offset, int(self._region_ends[region]) - (address + offset))
-            yield region, offset, piece
-            offset += piece
-            region += 1
+        for region, offset, inside, length in self._layout.pieces(address, len(view)):
+            self._process.readinto(self._host_addresses[region] + inside, view[offset : offset + length])
 
     def vmcoreinfo(self) -> bytes | None:
         """The guest's VMCOREINFO note: at ``header_pa`` (the note's or its dump header's address)

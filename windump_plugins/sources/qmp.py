@@ -53,9 +53,8 @@ from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
 from ..elfstream import ElfStream
-from ..hmp import parse_host_address, parse_ram_map
+from ..hmp import RamLayout, parse_host_address, parse_ram_map
 from ..procmem import ProcessMemory, peer_pid
-from ..runs import merge_ranges
 from ..source import CpuState, FileExtent, MemorySource
 from .elf import ElfSource
 
@@ -140,7 +139,7 @@ class QmpSource(MemorySource):
         self._fifo_dir: str | None = None
         self._stream: ElfStream | None = None
         self._readers: list[Callable[[int, memoryview], None]] | None = None
-        #: Per region of ``_starts``: (open backend file, offset of the region in it), or None.
+        #: Per region of ``_layout``: (open backend file, offset of the region in it), or None.
         self._files: list[tuple[BinaryIO, int] | None] = []
         self._pages: dict[int, bytes] = {}
         self._qmp: QEMUMonitorProtocol | None = None
@@ -442,10 +441,8 @@ class QmpSource(MemorySource):
             return str(error)
         if check != self._probe[1]:
             return f"the first page of {kept[0][0].block} differs from QEMU's own dump of it"
-        self._starts = np.array([region.start for region, _ in kept], dtype=np.uint64)
-        self._ends = np.array([region.end for region, _ in kept], dtype=np.uint64)
+        self._layout = RamLayout([region for region, _ in kept])
         self._readers = [reader for _, reader in kept]
-        self._ram = merge_ranges(np.stack([self._starts, self._ends], axis=1))
         return None
 
     def _process_reader(self, process: ProcessMemory, host: int) -> Callable[[int, memoryview], None]:
@@ -546,19 +543,17 @@ class QmpSource(MemorySource):
         problem = self._use_readers(readers)
         if problem is None:
             kept = {start: (file, offset) for start, file, offset in files}
-            self._files = [kept.get(int(start)) for start in self._starts]
+            self._files = [kept.get(region.start) for region in self._layout.regions]
         return problem
 
     def _open_stream(self) -> str | None:
-        self._starts = np.array([region.start for region in self._regions], dtype=np.uint64)
-        self._ends = np.array([region.end for region in self._regions], dtype=np.uint64)
-        self._ram = merge_ranges(np.stack([self._starts, self._ends], axis=1))
+        self._layout = RamLayout(self._regions)
         self._readers = None
         return None
 
     @property
     def ram(self) -> np.ndarray:
-        return self._ram
+        return self._layout.ram
 
     def readinto(self, address: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
@@ -566,8 +561,8 @@ class QmpSource(MemorySource):
         if self._readers is None:
             self._read_streamed(address, view)
             return
-        for region, offset, length in self._pieces(address, len(view)):
-            self._readers[region](address + offset - int(self._starts[region]), view[offset:offset + length])
+        for region, offset, inside, length in self._layout.pieces(address, len(view)):
+            self._readers[region](inside, view[offset:offset + length])
 
     def file_extents(self, address: int, length: int) -> list[FileExtent] | None:
         """Where a range lies in the shared RAM backend files, so the writer copies it in the kernel."""
@@ -575,23 +570,13 @@ class QmpSource(MemorySource):
             return None
         self.check_range(address, length)
         extents = []
-        for region, offset, piece in self._pieces(address, length):
+        for region, _, inside, piece in self._layout.pieces(address, length):
             backing = self._files[region]
             if backing is None:
                 return None
             file, base = backing
-            extents.append(FileExtent(file, base + address + offset - int(self._starts[region]), piece))
+            extents.append(FileExtent(file, base + inside, piece))
         return extents
-
-    def _pieces(self, address: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """``(region, buffer offset, length)`` for each region the range crosses."""
-        offset = 0
-        region = int(np.searchsorted(self._starts, np.uint64(address), side="right")) - 1
-        while offset < length:
-            piece = min(length - offset, int(self._ends[region]) - (address + offset))
-            yield region, offset, piece
-            offset += piece
-            region += 1
 
     def _read_streamed(self, address: int, view: memoryview) -> None:
         """From the page cache, a one-page ELF (before the stream), or the stream (forward only)."""
