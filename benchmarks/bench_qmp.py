@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if missing_tools():
         raise SystemExit(f"bench_qmp: needs {', '.join(missing_tools())}")
-    figures = in_scratch_directory("windump-bench-qmp-", args.dir, lambda directory: run(args.size, directory, args.paths.split(","), args.repeat))
+    paths = args.paths.split(",")
+    figures = in_scratch_directory("windump-bench-qmp-", args.dir,
+                                   lambda directory: run(args.size, directory, paths, args.repeat))
     publish(figures, table(figures), args.json)
     return 0
 
