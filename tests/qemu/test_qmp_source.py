@@ -72,7 +72,7 @@ def check_readers(dump: Path, model) -> None:
     pages = [IMAGE_BASE, IMAGE_BASE + PAGE_SIZE, int(model.ram[-1][1]) - PAGE_SIZE]
     for result in (kdmp_read(dump, pages), volatility_read(dump, pages)):
         assert result.parsed, f"{result.reader}: {result.reason}"
-        for page in pages[:2]:
+        for page in pages:
             assert result.physical[page] == model.read(page, PAGE_SIZE), f"{result.reader}: page {page:#x}"
 
 
