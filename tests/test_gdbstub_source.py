@@ -4,6 +4,7 @@ stub by the test itself), plus location parsing, mtree parsing and the non-QEMU 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import ctypes
 import errno
@@ -573,6 +574,24 @@ def test_ctrl_c_mid_read_restores_phymemmode_over_the_same_connection(persistent
     with pytest.raises(KeyboardInterrupt):
         source.read(0, 0x100000)
     monkeypatch.undo()
+    source.close()
+    assert (stub.accepted, stub.phy_mem_mode, stub.running) == (1, 0, False)
+
+
+def test_ctrl_c_while_numpy_views_the_receive_buffer(persistent_stub, monkeypatch):
+    """Ctrl-C inside the block decoder: the traceback keeps numpy views of the receive buffer alive,
+    and resynchronizing must still work (that buffer cannot be resized while viewed)."""
+    stub = persistent_stub(running=False)
+    source = GdbStubSource("127.0.0.1", stub.port, packets=True)
+
+    def interrupted(digits):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(binascii, "a2b_hex", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        source.read(0, 0x100000)
+    monkeypatch.undo()
+    assert "_parse_full_replies" in {entry.name for entry in caught.traceback}  # its frame, views and all
     source.close()
     assert (stub.accepted, stub.phy_mem_mode, stub.running) == (1, 0, False)
 

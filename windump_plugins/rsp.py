@@ -166,6 +166,9 @@ def _exchange(method):
             raise
         except BaseException:
             self._out_of_step = True
+            # The interrupted frame, alive in the traceback, may hold numpy views of the receive
+            # buffer, which cannot be resized while viewed: resynchronize on a copy.
+            self._received = bytearray(self._received)
             raise
 
     return exchange
