@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from windump_plugins.errors import SourceError
-from windump_plugins.hmp import RamLayout, RamRegion, parse_host_address, parse_ram_map
+from windump_plugins.hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
 
 #: ``info mtree -f`` of a ``pc`` guest with 4 GiB (RAM above 3 GiB moves to 4 GiB), with ROM, ROM
 #: devices, RAM devices and the SMM view that must not count as RAM.
@@ -90,8 +90,8 @@ def test_host_address_of_gpa2hva():
 
 
 def test_layout_merges_ram_and_splits_reads_where_regions_end():
-    layout = RamLayout(parse_ram_map(PC_MTREE))
+    layout = ram_layout(parse_ram_map(PC_MTREE))
     assert layout.ram.tolist() == [[0x0, 0xA0000], [0xC8000, 0xC0000000], [0x100000000, 0x140000000]]
     # 0x2000 bytes across the seam between the two pc.ram regions at 1 MiB.
-    assert list(layout.pieces(0xFF000, 0x2000)) == [(1, 0, 0x37000, 0x1000), (2, 0x1000, 0, 0x1000)]
-    assert list(layout.pieces(0x100000010, 0x20)) == [(3, 0, 0x10, 0x20)]
+    assert layout.split(0xFF000, 0x2000) == [(1, 0, 0x37000, 0x1000), (2, 0x1000, 0, 0x1000)]
+    assert layout.split(0x100000010, 0x20) == [(3, 0, 0x10, 0x20)]

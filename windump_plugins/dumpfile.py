@@ -25,8 +25,7 @@ from .format import (
     header_runs,
     parse_header,
 )
-from .runs import merge_ranges
-from .source import FileExtent, MemorySource
+from .filemap import FileMap, FileMapSource
 
 
 class DumpHeader(NamedTuple):
@@ -86,7 +85,7 @@ def run_segments(runs: np.ndarray, header_size: int) -> tuple[np.ndarray, np.nda
     return clipped[keep], ends[keep], (offsets + (clipped - starts))[keep]
 
 
-class DumpFile(MemorySource):
+class DumpFile(FileMapSource):
     """The guest physical memory in a full dump written by windump or QEMU.
 
     ``format`` and ``header`` come from :func:`~windump_plugins.format.parse_header`; ``runs`` is the
@@ -108,49 +107,14 @@ class DumpFile(MemorySource):
             expected = self.format.size + body_size(self.runs)
             if self.file_size < expected:
                 raise FormatError(f"truncated dump, {self.file_size} bytes where header and runs need {expected}")
-            self._starts, self._ends, self._offsets = run_segments(self.runs, self.format.size)
+            starts, ends, offsets = run_segments(self.runs, self.format.size)
         except FormatError as exc:
             self._file.close()
             raise FormatError(f"{self.path}: {exc}") from None
         except BaseException:
             self._file.close()
             raise
-        self._ram = merge_ranges(np.stack([self._starts, self._ends], axis=1))
-
-    @property
-    def ram(self) -> np.ndarray:
-        return self._ram
-
-    def _pieces(self, address: int, length: int) -> list[tuple[int, int]]:
-        """``(file offset, length)`` pieces that hold ``[address, address + length)``, in order."""
-        end = address + length
-        if length == 0:
-            return []
-        if address >= 0 and length > 0:
-            first = int(np.searchsorted(self._ends, np.uint64(address), side="right"))
-            last = int(np.searchsorted(self._starts, np.uint64(end), side="left"))
-            starts = self._starts[first:last].tolist()
-            ends = self._ends[first:last].tolist()
-            offsets = self._offsets[first:last].tolist()
-            if starts and starts[0] <= address and ends[-1] >= end and starts[1:] == ends[:-1]:
-                return [
-                    (offset + max(start, address) - start, min(stop, end) - max(start, address))
-                    for start, stop, offset in zip(starts, ends, offsets)
-                ]
-        raise SourceError(f"{self.description}: physical range {address:#x}-{end:#x} is not in the dump")
-
-    def readinto(self, address: int, buffer: memoryview) -> None:
-        view = memoryview(buffer).cast("B")
-        for offset, length in self._pieces(address, len(view)):
-            chunk, view = view[:length], view[length:]
-            while chunk:
-                got = os.preadv(self._fd, [chunk], offset)
-                if got == 0:
-                    raise SourceError(f"{self.description}: file ends at {offset:#x}")
-                chunk, offset = chunk[got:], offset + got
-
-    def file_extents(self, address: int, length: int) -> list[FileExtent]:
-        return [FileExtent(self._file, offset, count) for offset, count in self._pieces(address, length)]
+        self.memory = FileMap(self._file, starts, ends, offsets, self.description, where="the dump")
 
     def close(self) -> None:
         self._file.close()

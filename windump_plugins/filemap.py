@@ -1,9 +1,9 @@
 """Guest physical memory laid out in pieces of one file: the lookup every file-backed source shares.
 
-A file format (a QEMU ELF, a raw image with a RAM map) only says where each piece of guest memory
-lies in its file (:class:`FileMapSource` does the rest); :class:`FileMap` answers reads with ``preadv`` straight into the caller's buffer
-and tells the writer the file extents so it can copy them in the kernel. Third-party plugins may use
-it too.
+A file format (a QEMU ELF, a crash dump, a raw image with a RAM map) only says where each piece of
+guest memory lies in its file (:class:`FileMapSource` does the rest); :class:`FileMap` answers reads
+with ``preadv`` straight into the caller's buffer and tells the writer the file extents so it can
+copy them in the kernel. Third-party plugins may use it too.
 """
 
 from __future__ import annotations
@@ -14,34 +14,30 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import SourceError
+from .pieces import PieceMap
 from .source import FileExtent, MemorySource, check_in_ram
 
 
 class FileMap:
-    """Sorted, disjoint pieces ``[start, end)`` of guest physical memory, each at a file offset."""
+    """Sorted, disjoint pieces ``[start, end)`` of guest physical memory, each at a file offset.
 
-    def __init__(self, file: BinaryIO, starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray, description: str):
+    ``where`` names the memory in the message of a read outside it (``guest RAM``, ``the dump``).
+    """
+
+    def __init__(self, file: BinaryIO, starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray, description: str,
+                 where: str = "guest RAM"):
         self.file = file
         self.description = description
-        self._starts = np.asarray(starts, dtype=np.uint64)
-        self._ends = np.asarray(ends, dtype=np.uint64)
+        self.where = where
+        self._pieces_map = PieceMap(starts, ends)
         self._offsets = np.asarray(offsets, dtype=np.uint64)
-        # RAM ranges: pieces that touch in guest-physical space read as one range.
-        joins = np.flatnonzero(self._starts[1:] != self._ends[:-1]) + 1
-        ram = np.stack([self._starts[np.r_[0, joins]], self._ends[np.r_[joins - 1, -1]]], axis=1)
-        ram.flags.writeable = False
-        self.ram = ram
+        self.ram = self._pieces_map.ram
 
     def _pieces(self, address: int, length: int) -> list[tuple[int, int]]:
         """``(file offset, length)`` of each piece the range touches, in address order."""
-        check_in_ram(self.ram, address, length, self.description)
-        i = int(np.searchsorted(self._starts, np.uint64(address), side="right")) - 1
-        pieces = []
-        while length > 0:
-            n = min(length, int(self._ends[i]) - address)
-            pieces.append((int(self._offsets[i]) + address - int(self._starts[i]), n))
-            address, length, i = address + n, length - n, i + 1
-        return pieces
+        check_in_ram(self.ram, address, length, self.description, self.where)
+        return [(int(self._offsets[index]) + inside, count)
+                for index, _, inside, count in self._pieces_map.split(address, length)]
 
     def extents(self, address: int, length: int) -> list[FileExtent]:
         """Where the range lies in the file, piece by piece."""

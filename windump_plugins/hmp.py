@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
-
 from .errors import SourceError
-from .runs import merge_ranges
+from .pieces import PieceMap
 
 _FLATVIEW_ENTRY = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]+))?", re.M)
 _HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")
@@ -38,28 +36,9 @@ def parse_ram_map(text: str) -> list[RamRegion]:
     raise SourceError('"info mtree -f" shows no flat view of address space "memory"')
 
 
-class RamLayout:
-    """Guest RAM as sorted regions, each read its own way: the merged RAM ranges a source reports,
-    and reads split where one region ends."""
-
-    def __init__(self, regions: Sequence[RamRegion]):
-        self.regions = list(regions)
-        self._starts = np.array([region.start for region in self.regions], dtype=np.uint64)
-        self._ends = np.array([region.end for region in self.regions], dtype=np.uint64)
-        #: ``(N, 2)`` merged ``[start, end)`` guest-physical ranges.
-        self.ram = merge_ranges(np.stack([self._starts, self._ends], axis=1))
-
-    def pieces(self, address: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """``(region index, offset into the read, offset into the region, bytes)`` for each region
-        that ``[address, address + length)`` crosses; the range must lie in :attr:`ram`."""
-        done = 0
-        region = int(np.searchsorted(self._starts, np.uint64(address), side="right")) - 1
-        while done < length:
-            inside = address + done - int(self._starts[region])
-            piece = min(length - done, int(self._ends[region]) - (address + done))
-            yield region, done, inside, piece
-            done += piece
-            region += 1
+def ram_layout(regions: Sequence[RamRegion]) -> PieceMap:
+    """The regions as pieces of guest RAM, to split reads where one region ends."""
+    return PieceMap([region.start for region in regions], [region.end for region in regions])
 
 
 def parse_host_address(text: str) -> int | None:

@@ -105,9 +105,9 @@ class MemorySource(abc.ABC):
         self.close()
 
 
-def check_in_ram(ram: np.ndarray, address: int, length: int, description: str) -> None:
+def check_in_ram(ram: np.ndarray, address: int, length: int, description: str, where: str = "guest RAM") -> None:
     """Raise SourceError unless ``[address, address + length)`` lies inside one of the sorted
-    ``[start, end)`` ``ram`` ranges."""
+    ``[start, end)`` ``ram`` ranges; ``where`` names them in the message."""
     i = int(np.searchsorted(ram[:, 0], np.uint64(address), side="right")) - 1
     if length < 0 or i < 0 or address + length > int(ram[i, 1]):
-        raise SourceError(f"{description}: physical range {address:#x}-{address + length:#x} is not in guest RAM")
+        raise SourceError(f"{description}: physical range {address:#x}-{address + length:#x} is not in {where}")

@@ -24,7 +24,7 @@ from ..header import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
-from ..hmp import RamLayout, RamRegion, parse_host_address, parse_ram_map
+from ..hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
 from ..procmem import ProcessMemory, peer_pid
 from ..rsp import RemoteStub
 from ..source import CpuState, MemorySource
@@ -185,7 +185,7 @@ class GdbStubSource(MemorySource):
         regions = parse_ram_map(stub.monitor("info mtree -f"))
         if not regions:
             raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
-        self._layout = RamLayout(regions)
+        self._layout = ram_layout(regions)
         if not packets:
             self._open_fast_path(regions)
 
@@ -277,7 +277,7 @@ class GdbStubSource(MemorySource):
             with self._noting_interruptions():
                 self.stub.readinto(address, view)
             return
-        for region, offset, inside, length in self._layout.pieces(address, len(view)):
+        for region, offset, inside, length in self._layout.split(address, len(view)):
             self._process.readinto(self._host_addresses[region] + inside, view[offset : offset + length])
 
     def vmcoreinfo(self) -> bytes | None:

@@ -53,7 +53,7 @@ from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
 from ..elfstream import ElfStream
-from ..hmp import RamLayout, parse_host_address, parse_ram_map
+from ..hmp import parse_host_address, parse_ram_map, ram_layout
 from ..procmem import ProcessMemory, peer_pid
 from ..source import CpuState, FileExtent, MemorySource
 from .elf import ElfSource
@@ -441,7 +441,7 @@ class QmpSource(MemorySource):
             return str(error)
         if check != self._probe[1]:
             return f"the first page of {kept[0][0].block} differs from QEMU's own dump of it"
-        self._layout = RamLayout([region for region, _ in kept])
+        self._layout = ram_layout([region for region, _ in kept])
         self._readers = [reader for _, reader in kept]
         return None
 
@@ -543,11 +543,11 @@ class QmpSource(MemorySource):
         problem = self._use_readers(readers)
         if problem is None:
             kept = {start: (file, offset) for start, file, offset in files}
-            self._files = [kept.get(region.start) for region in self._layout.regions]
+            self._files = [kept.get(int(start)) for start in self._layout.starts]
         return problem
 
     def _open_stream(self) -> str | None:
-        self._layout = RamLayout(self._regions)
+        self._layout = ram_layout(self._regions)
         self._readers = None
         return None
 
@@ -561,7 +561,7 @@ class QmpSource(MemorySource):
         if self._readers is None:
             self._read_streamed(address, view)
             return
-        for region, offset, inside, length in self._layout.pieces(address, len(view)):
+        for region, offset, inside, length in self._layout.split(address, len(view)):
             self._readers[region](inside, view[offset:offset + length])
 
     def file_extents(self, address: int, length: int) -> list[FileExtent] | None:
@@ -570,7 +570,7 @@ class QmpSource(MemorySource):
             return None
         self.check_range(address, length)
         extents = []
-        for region, _, inside, piece in self._layout.pieces(address, length):
+        for region, _, inside, piece in self._layout.split(address, length):
             backing = self._files[region]
             if backing is None:
                 return None
