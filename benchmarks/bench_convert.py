@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from scratch import in_scratch_directory, publish  # noqa: E402  (beside this script)
 from elfmaker import write_qemu_elf  # noqa: E402  (the test suite's QEMU ELF writer)
 
-from windump_plugins.format import PAGE_SHIFT, PAGE_SIZE  # noqa: E402
-from windump_plugins.guestmodel import CrashedGuest, pc_ram  # noqa: E402
+from windump_plugins.formats.dumpheader import PAGE_SHIFT, PAGE_SIZE  # noqa: E402
+from windump_plugins.guest.model import CrashedGuest, pc_ram  # noqa: E402
 
 #: What windump should reach: no slower than cp, and flat memory whatever the guest size.
 TARGET_RATIO = 1.0

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests" / "qemu"))
 
 from qemu_guest import Machine, QemuGuest, build_guest, missing_tools  # noqa: E402
 
-from windump_plugins.guestmodel import CrashedGuest  # noqa: E402
+from windump_plugins.guest.model import CrashedGuest  # noqa: E402
 
 #: Runs inside gdb: each method timed with a sync after it; JSON on the last line.
 GDB_DRIVER = r'''

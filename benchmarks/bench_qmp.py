@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "qemu"))
 from scratch import in_scratch_directory, publish  # noqa: E402  (beside this script)
 from qemu_guest import Machine, QemuGuest, build_guest, missing_tools, parse_ram  # noqa: E402
 
-from windump_plugins.guestmodel import CrashedGuest  # noqa: E402
+from windump_plugins.guest.model import CrashedGuest  # noqa: E402
 from windump_plugins.save import save  # noqa: E402
 from windump_plugins.sources.qmp import MEMORY_PATHS, QmpSource  # noqa: E402
 

@@ -7,7 +7,7 @@
 gdb embeds its own Python, not the virtualenv's: the package is imported from gdb's Python, from
 the virtualenv named by VIRTUAL_ENV (its site-packages added as pwndbg's gdbinit does, so
 editable installs work), or from the checkout holding this file. The work happens in
-``windump_plugins.gdbscript``; this file only loads it and declares the command and settings.
+``windump_plugins.frontends.gdb``; this file only loads it and declares the command and settings.
 """
 
 import os
@@ -37,7 +37,7 @@ def _windump_venv_site_packages():
 
 
 def _windump_import():
-    """``windump_plugins.gdbscript`` and its error class, or None and a one-line reason."""
+    """``windump_plugins.frontends.gdb`` and its error class, or None and a one-line reason."""
     problem = _windump_venv_site_packages()
     # A checkout keeps the package beside gdb/; an installed copy lives inside the package.
     for root in (None, _WINDUMP_SCRIPT.parents[1], _WINDUMP_SCRIPT.parents[2]):
@@ -46,11 +46,11 @@ def _windump_import():
                 continue
             sys.path.insert(0, str(root))
         try:
-            from windump_plugins import gdbscript
+            from windump_plugins.frontends import gdb as gdbscript
             from windump_plugins.errors import WindumpError
             return (gdbscript, WindumpError), None
         except ImportError as error:
-            if getattr(error, "name", "") not in ("windump_plugins", "windump_plugins.gdbscript"):
+            if getattr(error, "name", "") not in ("windump_plugins", "windump_plugins.frontends.gdb"):
                 problem = problem or f"{error}"
                 break
             problem = problem or "no windump_plugins package"

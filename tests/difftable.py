@@ -1,7 +1,7 @@
 """The difference table (``docs/differences.csv``): every region where windump's dump may differ from
 QEMU's ``dump-guest-memory -w`` for the same guest state, and the comparison every test makes with it.
 
-A row's region is ``header:FIELD`` (a DUMP_HEADER64 field of :mod:`windump_plugins.format`) or
+A row's region is ``header:FIELD`` (a DUMP_HEADER64 field of :mod:`windump_plugins.formats.dumpheader`) or
 ``body:KIND`` for guest memory located through the dump's own structures; :data:`BODY_REGIONS` says
 how each body kind is found. Two dumps must agree byte for byte everywhere else.
 """
@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from windump_plugins.context import CONTEXT
+from windump_plugins.formats.context import CONTEXT
 from windump_plugins.dumpfile import DumpFile, run_segments
 from windump_plugins.errors import FormatError, WindumpError
-from windump_plugins.format import PAGE_SIZE
-from windump_plugins.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
+from windump_plugins.formats.dumpheader import PAGE_SIZE
+from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from windump_plugins.paging import AddressSpace
 
 DIFFERENCES_CSV = Path(__file__).resolve().parent.parent / "docs" / "differences.csv"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from windump_plugins import cli
+from windump_plugins.frontends import cli
 from windump_plugins.errors import SourceError
 from windump_plugins.hookspecs import SourceKind, hookimpl
 from windump_plugins.plugins import Plugins
-from windump_plugins.progress import progress_bar
+from windump_plugins.frontends.progress import progress_bar
 
 ERROR_LINE = re.compile(r"^windump: error: \S.*\n\Z")
 

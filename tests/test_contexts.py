@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 from elfmaker import write_qemu_elf
 
-from windump_plugins import __version__, guestmodel
-from windump_plugins.context import CONTEXT, CONTEXT_ALL_AMD64
+from windump_plugins import __version__
+from windump_plugins.guest import model as guestmodel
+from windump_plugins.formats.context import CONTEXT, CONTEXT_ALL_AMD64
 from windump_plugins.dumpfile import DumpFile
 from windump_plugins.errors import WindumpError
-from windump_plugins.format import DUMP_HEADER64
-from windump_plugins.fresh import KUSER_SHARED_DATA, STATUS_BREAKPOINT
-from windump_plugins.guestmodel import CrashedGuest
-from windump_plugins.header import WindumpWarning
+from windump_plugins.formats.dumpheader import DUMP_HEADER64
+from windump_plugins.formats.kuser import KUSER_SHARED_DATA
+from windump_plugins.fresh import STATUS_BREAKPOINT
+from windump_plugins.guest.model import CrashedGuest
+from windump_plugins.errors import WindumpWarning
 from windump_plugins.paging import AddressSpace
 from windump_plugins.save import save
-from windump_plugins.sources.elf import ElfSource
+from windump_plugins.elffile import ElfSource
 from windump_plugins.sources.sample import SampleSource
 from windump_plugins.verify import verify_dump
 

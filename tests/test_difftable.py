@@ -15,10 +15,10 @@ from difftable import (
     header_field_name,
     load_differences,
 )
-from windump_plugins.context import CONTEXT
+from windump_plugins.formats.context import CONTEXT
 from windump_plugins.errors import FormatError
-from windump_plugins.format import DUMP_HEADER64, PAGE_SHIFT, PAGE_SIZE
-from windump_plugins.guestmodel import CrashedGuest
+from windump_plugins.formats.dumpheader import DUMP_HEADER64, PAGE_SHIFT, PAGE_SIZE
+from windump_plugins.guest.model import CrashedGuest
 from windump_plugins.save import save
 from windump_plugins.sources.sample import SampleSource
 

@@ -11,7 +11,7 @@ from test_writer import RAM, RUNS, FileGuest, MemoryGuest, dump_header
 
 from windump_plugins.dumpfile import DumpFile, run_segments
 from windump_plugins.errors import FormatError, SourceError
-from windump_plugins.format import PAGE_SIZE, X64, X86, header_bytes, new_header, set_header_runs
+from windump_plugins.formats.dumpheader import PAGE_SIZE, X64, X86, header_bytes, new_header, set_header_runs
 from windump_plugins.writer import write_dump
 
 #: Runs out of address order, with two that touch and a lone page: the body packs them as given.

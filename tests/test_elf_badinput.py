@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from elfmaker import TinyGuest, note, write_qemu_elf
 from windump_plugins.errors import FormatError, SourceError, WindumpError
 from windump_plugins.source import CpuState
-from windump_plugins.sources.elf import ElfSource
+from windump_plugins.elffile import ElfSource
 
 RANGES = [(0, 0xA0000), (0x100000, 0x180000)]
 CPUS = [CpuState(i, {"rip": 0xFFFFF80000001000 + i, "cs": 0x10, "cr3": 0x1AD000}) for i in range(2)]

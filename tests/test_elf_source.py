@@ -17,13 +17,13 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from elfmaker import BIOS_BASE, BIOS_SIZE, EM_386, TinyGuest, bios_rom, note, write_qemu_elf
-from windump_plugins.elfnotes import PRSTATUS_I386, PRSTATUS_X86_64, QEMU_CPU_SEGMENT, QEMU_CPU_STATE
+from windump_plugins.formats.elfnotes import PRSTATUS_I386, PRSTATUS_X86_64, QEMU_CPU_SEGMENT, QEMU_CPU_STATE
 from windump_plugins.errors import SourceError
-from windump_plugins.guestmodel import CrashedGuest
+from windump_plugins.guest.model import CrashedGuest
 from windump_plugins.source import CpuState
 from windump_plugins.sources import elf
-from windump_plugins.sources.elf import (ELF32_EHDR, ELF32_PHDR, ELF32_SHDR, ELF64_EHDR, ELF64_PHDR, ELF64_SHDR,
-                                         ElfSource)
+from windump_plugins.formats.elf import ELF32_EHDR, ELF32_PHDR, ELF32_SHDR, ELF64_EHDR, ELF64_PHDR, ELF64_SHDR
+from windump_plugins.elffile import ElfSource
 
 LOW_RANGES = [(0, 0xA0000), (0x100000, 0x180000)]
 HIGH_RANGE = (0x100000000, 0x100030000)

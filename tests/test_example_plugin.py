@@ -17,12 +17,13 @@ import pytest
 
 from windump_plugins.dumpfile import DumpFile
 from windump_plugins.errors import FormatError, SourceError, WindumpError
-from windump_plugins.guestmodel import CrashedGuest
-from windump_plugins.header import NO_NOTE_MESSAGE, WindumpWarning
+from windump_plugins.guest.model import CrashedGuest
+from windump_plugins.headers.published import NO_NOTE_MESSAGE
+from windump_plugins.errors import WindumpWarning
 from windump_plugins.plugins import Plugins
 from windump_plugins.save import save
 from windump_plugins.verify import verify_dump
-from windump_plugins.vmcoreinfo import scan_for_note
+from windump_plugins.notescan import scan_for_note
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "windump-raw"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from windump_plugins import format as fmt
+from windump_plugins.formats import dumpheader as fmt
 from windump_plugins.errors import FormatError
 
 

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 
 from corpus.files import Elf, model_guest, tiny_elf
 from windump_plugins.dumpfile import DumpFile
-from windump_plugins.elfnotes import cpu_states, parse_notes, vmcoreinfo_note
+from windump_plugins.formats.elfnotes import cpu_registers, parse_notes, vmcoreinfo_note
 from windump_plugins.errors import WindumpError
-from windump_plugins.format import X64, header_runs
-from windump_plugins.header import _parse_note
-from windump_plugins.rsppacket import decode
+from windump_plugins.formats.dumpheader import X64, header_runs
+from windump_plugins.headers.published import _parse_note
+from windump_plugins.live.rsppacket import decode
 from windump_plugins.save import save
 from windump_plugins.runs import check_runs
-from windump_plugins.sources.elf import ElfSource
+from windump_plugins.elffile import ElfSource
 from windump_plugins.sources.sample import SampleSource
 from windump_plugins.verify import describe_dump, verify_dump
 
@@ -95,7 +95,7 @@ def test_notes_of_random_bytes(segment):
     with Bounded():
         try:
             notes = parse_notes(segment, "fuzz")
-            cpu_states(notes, "fuzz")
+            cpu_registers(notes, "fuzz")
             vmcoreinfo_note(notes)
         except WindumpError:
             pass

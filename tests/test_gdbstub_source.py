@@ -23,15 +23,15 @@ import pytest
 from qemu.qmp import ConnectError, QMPClient
 
 from windump_plugins.errors import SourceError
-from windump_plugins.header import WindumpWarning
+from windump_plugins.errors import WindumpWarning
 from windump_plugins.plugins import Plugins
-from windump_plugins.procmem import ProcessMemory, peer_pid
-from windump_plugins.rsp import RemoteStub
-from windump_plugins.rsppacket import frame
+from windump_plugins.live.procmem import ProcessMemory, peer_pid
+from windump_plugins.live.rsp import RemoteStub
+from windump_plugins.live.rsppacket import frame
 from windump_plugins.sources import gdbstub
-from windump_plugins import vmcoreinfo
+from windump_plugins import notescan
 from windump_plugins.sources.gdbstub import GdbStubSource, parse_debug_registers, parse_location
-from windump_plugins.vmcoreinfo import find_notes
+from windump_plugins.formats.vmcoreinfo import find_notes
 
 QEMU = shutil.which("qemu-system-x86_64")
 MiB = 1 << 20
@@ -406,7 +406,7 @@ def test_vmcoreinfo_is_found_in_ram(qemu, monkeypatch):
     published = note(marker=b"published")
     address = 0x2345674  # 4-byte aligned only
     seed(qemu.location, address, published)
-    monkeypatch.setattr(vmcoreinfo, "SCAN_CHUNK", 0x100000)
+    monkeypatch.setattr(notescan, "SCAN_CHUNK", 0x100000)
     with GdbStubSource("127.0.0.1", qemu.port) as source:
         assert source.vmcoreinfo() == published
         assert source.vmcoreinfo_address == address
@@ -422,7 +422,7 @@ def test_vmcoreinfo_is_found_in_ram(qemu, monkeypatch):
 @pytest.mark.qemu
 def test_note_across_a_scan_chunk_boundary(qemu, monkeypatch):
     published = note(b"DUMP", marker=b"x86")
-    monkeypatch.setattr(vmcoreinfo, "SCAN_CHUNK", 0x100000)
+    monkeypatch.setattr(notescan, "SCAN_CHUNK", 0x100000)
     seed(qemu.location, 0x300000 - 12, published)  # starts 12 bytes before a chunk ends
     with GdbStubSource("127.0.0.1", qemu.port) as source:
         assert source.vmcoreinfo() == published

@@ -9,13 +9,22 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from windump_plugins import context as ctx
+from windump_plugins.formats import context as ctx
 from windump_plugins.errors import SourceError, TranslationError
-from windump_plugins.format import DUMP_HEADER64, header_runs
-from windump_plugins.guestmodel import (BOOT_FLAG_KEEP_RUNNING, BOOT_MAGIC, BOOT_PARAMS, IMAGE_BASE,
-                                        KERNEL_SELECTORS, KUSER_SHARED_DATA, SAMPLE_RAM, STAMP_MAGIC,
-                                        CrashedGuest, pc_ram)
-from windump_plugins.kdbg import KDDEBUGGER_DATA64, decode_kdbg
+from windump_plugins.formats.dumpheader import DUMP_HEADER64, header_runs
+from windump_plugins.guest.model import (
+    BOOT_FLAG_KEEP_RUNNING,
+    BOOT_MAGIC,
+    BOOT_PARAMS,
+    IMAGE_BASE,
+    KERNEL_SELECTORS,
+    KUSER_SHARED_DATA,
+    SAMPLE_RAM,
+    STAMP_MAGIC,
+    CrashedGuest,
+    pc_ram,
+)
+from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, decode_kdbg
 
 PAGE = 0x1000
 GIB = 1 << 30

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from test_paging import KERNEL, KIB4, MIB2, FakeMemory, PageTables
 
-from windump_plugins import format as fmt
+from windump_plugins.formats import dumpheader as fmt
 from windump_plugins.errors import FormatError, WindumpError
-from windump_plugins.guestmodel import BUGCHECK_PARAMETERS, CrashedGuest
-from windump_plugins.header import PreparedHeader, WindumpWarning, prepare_header
-from windump_plugins.kdbg import KDDEBUGGER_DATA64, encode_kdbg
+from windump_plugins.guest.model import BUGCHECK_PARAMETERS, CrashedGuest
+from windump_plugins.headers.published import PreparedHeader, prepare_header
+from windump_plugins.errors import WindumpWarning
+from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, encode_kdbg
 from windump_plugins.sources.sample import SampleSource
 
 RAM_SIZE = 0x400000

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from windump_plugins.errors import SourceError
-from windump_plugins.hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
+from windump_plugins.live.hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
 
 #: ``info mtree -f`` of a ``pc`` guest with 4 GiB (RAM above 3 GiB moves to 4 GiB), with ROM, ROM
 #: devices, RAM devices and the SMM view that must not count as RAM.

@@ -11,9 +11,9 @@ import pytest
 from corpus import BUILT_IN_PLUGINS
 from corpus.files import BAD_DUMPS, BadFile, bad_files
 from corpus.wire import BAD_QMP, BAD_REPLIES, ScriptedQmp, ScriptedStub
-from windump_plugins import cli
+from windump_plugins.frontends import cli
 from windump_plugins.errors import SourceError, WindumpError
-from windump_plugins.rsp import RemoteStub
+from windump_plugins.live.rsp import RemoteStub
 from windump_plugins.sources.qmp import QmpSource
 
 CASES = bad_files()

@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from windump_plugins.kdbg import KDDEBUGGER_DATA64, OWNER_TAG, decode_kdbg, encode_kdbg
+from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG, decode_kdbg, encode_kdbg
 
 KI_WAIT_NEVER = 0x5A3C96F01E2D4B87
 KI_WAIT_ALWAYS = 0x0123456789ABCDEF

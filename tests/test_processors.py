@@ -8,12 +8,12 @@ import warnings
 import numpy as np
 import pytest
 
-from windump_plugins.context import CONTEXT, CONTEXT_ALL_AMD64
+from windump_plugins.formats.context import CONTEXT, CONTEXT_ALL_AMD64
 from windump_plugins.errors import WindumpError
-from windump_plugins.format import PAGE_SIZE
-from windump_plugins.guestmodel import KERNEL_DATA, OFFSET_PCR_CONTAINED_PRCB, CrashedGuest
-from windump_plugins.header import WindumpWarning
-from windump_plugins.kdbg import KDDEBUGGER_DATA64
+from windump_plugins.formats.dumpheader import PAGE_SIZE
+from windump_plugins.guest.model import KERNEL_DATA, OFFSET_PCR_CONTAINED_PRCB, CrashedGuest
+from windump_plugins.errors import WindumpWarning
+from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64
 from windump_plugins.paging import AddressSpace
 from windump_plugins.processors import context_overlays, find_processors, virtual_overlays
 from windump_plugins.source import CpuState

@@ -12,7 +12,7 @@ from elfmaker import TinyGuest, write_qemu_elf
 from windump_plugins.errors import FormatError, SourceError
 from windump_plugins.plugins import Plugins
 from windump_plugins.sources import qmp
-from windump_plugins.elfstream import ElfStream
+from windump_plugins.live.elfstream import ElfStream
 from windump_plugins.sources.qmp import parse_location
 
 @pytest.mark.parametrize("location, expected", [
@@ -110,7 +110,7 @@ def test_stream_that_is_not_elf():
     read_fd, write_fd = os.pipe()
     os.write(write_fd, b"makedumpfile\0\0\0\0")
     os.close(write_fd)
-    with pytest.raises(FormatError, match="does not start as an ELF file"):
+    with pytest.raises(FormatError, match="dump stream: not an ELF file"):
         ElfStream(read_fd, "qmp:x")
 
 

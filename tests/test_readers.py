@@ -16,10 +16,10 @@ import pytest
 
 from elfmaker import write_qemu_elf
 from readers import PAGE_MASK, PAGE_SIZE, Result, elf_physical_read, kdmp_read, volatility_read
-from windump_plugins import guestmodel
-from windump_plugins.context import CONTEXT, CONTEXT_CONTROL, CONTEXT_INTEGER, CONTEXT_SEGMENTS
-from windump_plugins.format import DUMP_TYPE_FULL, LIVE_SYSTEM_DUMP, PAGE_SHIFT
-from windump_plugins.guestmodel import CrashedGuest
+from windump_plugins.guest import model as guestmodel
+from windump_plugins.formats.context import CONTEXT, CONTEXT_CONTROL, CONTEXT_INTEGER, CONTEXT_SEGMENTS
+from windump_plugins.formats.dumpheader import DUMP_TYPE_FULL, LIVE_SYSTEM_DUMP, PAGE_SHIFT
+from windump_plugins.guest.model import CrashedGuest
 
 #: Variants of the model guest, each written, saved and read once.
 VARIANTS = {

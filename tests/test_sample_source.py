@@ -10,7 +10,7 @@ import pytest
 
 from windump_plugins import hookspecs
 from windump_plugins.errors import SourceError
-from windump_plugins.guestmodel import STAMP_MAGIC, CrashedGuest
+from windump_plugins.guest.model import STAMP_MAGIC, CrashedGuest
 from windump_plugins.source import MemorySource
 from windump_plugins.sources import sample
 

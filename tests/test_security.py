@@ -16,7 +16,7 @@ import pytest
 from corpus import BUILT_IN_PLUGINS
 from windump_plugins import writer
 from windump_plugins.errors import WindumpError
-from windump_plugins.format import X64, new_header, set_header_runs
+from windump_plugins.formats.dumpheader import X64, new_header, set_header_runs
 from windump_plugins.source import MemorySource
 
 ROOT = Path(__file__).resolve().parent.parent

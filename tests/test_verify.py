@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_writer import MemoryGuest
 
-from windump_plugins import guestmodel
-from windump_plugins.context import CONTEXT
-from windump_plugins.format import X64, X86, body_size, header_bytes, new_header, set_header_runs
-from windump_plugins.guestmodel import CrashedGuest
+from windump_plugins.guest import model as guestmodel
+from windump_plugins.formats.context import CONTEXT
+from windump_plugins.formats.dumpheader import X64, X86, body_size, header_bytes, new_header, set_header_runs
+from windump_plugins.guest.model import CrashedGuest
 from windump_plugins.sources.sample import SampleSource
 from windump_plugins.verify import NO_KERNEL_CONTEXT, describe_dump, verify_dump
 from windump_plugins.writer import write_dump

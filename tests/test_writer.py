@@ -12,7 +12,7 @@ import pytest
 
 from windump_plugins import writer
 from windump_plugins.errors import SourceError, WindumpError
-from windump_plugins.format import (
+from windump_plugins.formats.dumpheader import (
     DUMP_TYPE_FULL,
     PAGE_SIZE,
     X64,

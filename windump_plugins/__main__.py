@@ -9,7 +9,7 @@ def run() -> int:
     The package's own ``__init__`` imports almost nothing, so this covers the slow imports.
     """
     try:
-        from .cli import EXIT_INTERRUPTED, PROG, main
+        from .frontends.cli import EXIT_INTERRUPTED, PROG, main
     except KeyboardInterrupt:
         print("windump: interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import FormatError, SourceError
-from .format import (
+from .formats.dumpheader import (
     DUMP_TYPE_BITMAP_FULL,
     DUMP_TYPE_FULL,
     PAGE_SHIFT,
@@ -88,7 +88,7 @@ def run_segments(runs: np.ndarray, header_size: int) -> tuple[np.ndarray, np.nda
 class DumpFile(FileMapSource):
     """The guest physical memory in a full dump written by windump or QEMU.
 
-    ``format`` and ``header`` come from :func:`~windump_plugins.format.parse_header`; ``runs`` is the
+    ``format`` and ``header`` come from :func:`~windump_plugins.formats.dumpheader.parse_header`; ``runs`` is the
     header's ``(N, 2)`` ``[BasePage, PageCount]`` array. Raises FormatError for a file that is not a
     dump, is truncated, or has a DumpType this class does not read.
     """

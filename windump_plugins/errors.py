@@ -18,3 +18,8 @@ class FormatError(WindumpError):
 
 class TranslationError(WindumpError):
     """A guest virtual address does not translate through the page tables."""
+
+
+class WindumpWarning(UserWarning):
+    """Something the user must know that does not stop the dump (what QEMU only warns about, a
+    missing vCPU state): the dump is still written, with the guest's value kept."""

@@ -13,22 +13,19 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import __version__
-from .context import context_from_registers
+from .formats.context import context_from_registers
 from .errors import WindumpError
-from .format import EXCEPTION_RECORD64, PAGE_FILLER, layout
-from .header import WindumpWarning
+from .formats.dumpheader import EXCEPTION_RECORD64, PAGE_FILLER
+from .formats.kuser import (
+    KSYSTEM_TIME,
+    KUSER_INTERRUPT_TIME,
+    KUSER_NT_PRODUCT_TYPE,
+    KUSER_SHARED_DATA,
+    KUSER_SUITE_MASK,
+    KUSER_SYSTEM_TIME,
+)
+from .errors import WindumpWarning
 from .paging import AddressSpace
-
-#: Where every Windows x64 kernel maps KUSER_SHARED_DATA.
-KUSER_SHARED_DATA = 0xFFFFF780_00000000
-KUSER_INTERRUPT_TIME = 0x08  # KSYSTEM_TIME, 100 ns since boot
-KUSER_SYSTEM_TIME = 0x14  # KSYSTEM_TIME, FILETIME (100 ns since 1601, UTC)
-KUSER_NT_PRODUCT_TYPE = 0x264
-KUSER_SUITE_MASK = 0x2D0
-
-#: KSYSTEM_TIME: the kernel writes High2Time, LowPart, then High1Time, so a reader that sees
-#: High1Time == High2Time holds a value that was not being updated.
-KSYSTEM_TIME = layout(12, [(0, "LowPart", "<u4"), (4, "High1Time", "<u4"), (8, "High2Time", "<u4")])
 
 #: Reads of a KSYSTEM_TIME before a live guest's clock is taken as torn.
 KSYSTEM_TIME_ATTEMPTS = 8

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import TranslationError
-from .format import PAGE_SHIFT, PAGE_SIZE
+from .formats.dumpheader import PAGE_SHIFT, PAGE_SIZE
 from .source import MemorySource
 
 

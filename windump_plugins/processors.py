@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .context import context_from_registers
+from .formats.context import context_from_registers
 from .errors import WindumpError
-from .format import PAGE_SIZE
-from .header import WindumpWarning
+from .formats.dumpheader import PAGE_SIZE
+from .errors import WindumpWarning
 from .paging import AddressSpace
 from .source import CpuState
 from .writer import Overlay

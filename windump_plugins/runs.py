@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import FormatError
-from .format import PAGE_SHIFT, PAGE_SIZE
+from .formats.dumpheader import PAGE_SHIFT, PAGE_SIZE
 
 #: Page-frame numbers above this would put a byte beyond the 64-bit physical address space.
 _PFN_LIMIT = 1 << (64 - PAGE_SHIFT)

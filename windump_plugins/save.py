@@ -10,10 +10,11 @@ import warnings
 from dataclasses import dataclass
 
 from .errors import WindumpError
-from .format import header_bytes
+from .formats.dumpheader import header_bytes
 from .fresh import freshen_header
-from .header import WindumpWarning, prepare_header
-from .kdbg import KDDEBUGGER_DATA64
+from .errors import WindumpWarning
+from .headers.published import prepare_header
+from .formats.kdbg import KDDEBUGGER_DATA64
 from .processors import context_overlays, find_processors
 from .source import MemorySource
 from .writer import ProgressCallback, write_dump

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .context import CONTEXT, CONTEXT_AMD64
+from .formats.context import CONTEXT, CONTEXT_AMD64
 from .dumpfile import DumpFile, DumpHeader, open_dump, read_dump_header, unsupported_dump_type
 from .errors import FormatError, SourceError, TranslationError, WindumpError
-from .format import DUMP_TYPE_FULL, PAGE_FILLER, PAGE_SHIFT, X64, X86, body_size, header_runs
-from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG
+from .formats.dumpheader import DUMP_TYPE_FULL, PAGE_FILLER, PAGE_SHIFT, X64, X86, body_size, header_runs
+from .formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from .paging import AddressSpace
 from .processors import MAX_PROCESSORS, processor_block_entries
 from .runs import check_runs

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import SourceError, WindumpError
-from .format import PAGE_SHIFT, PAGE_SIZE, X64, X86, body_size
+from .formats.dumpheader import PAGE_SHIFT, PAGE_SIZE, X64, X86, body_size
 from .runs import merge_ranges, runs_to_ranges
 from .source import FileExtent, MemorySource
 

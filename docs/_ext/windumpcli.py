@@ -1,5 +1,5 @@
 """A Sphinx directive that documents the ``windump`` subcommands from the table the command line is
-built from (:data:`windump_plugins.cli.COMMANDS`), so the page says what ``--help`` says."""
+built from (:data:`windump_plugins.frontends.cli.COMMANDS`), so the page says what ``--help`` says."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ class WindumpCommands(Directive):
     and examples."""
 
     def run(self):
-        from windump_plugins.cli import COMMANDS
+        from windump_plugins.frontends.cli import COMMANDS
 
         lines = [line for entry in COMMANDS for line in _command_lines(entry)]
-        container = StringList(lines, source="windump_plugins.cli.COMMANDS")
+        container = StringList(lines, source="windump_plugins.frontends.cli.COMMANDS")
         node = nodes.section()
         node.document = self.state.document
         nested_parse_with_titles(self.state, container, node)

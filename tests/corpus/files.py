@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from elfmaker import TinyGuest, note, write_qemu_elf
-from windump_plugins.format import DUMP_HEADER64, X64, new_header, set_header_runs
-from windump_plugins.guestmodel import CrashedGuest
+from windump_plugins.formats.dumpheader import DUMP_HEADER64, X64, new_header, set_header_runs
+from windump_plugins.guest.model import CrashedGuest
 from windump_plugins.source import CpuState
 
 #: The small guest whose ELF the structural cases damage: two RAM blocks, two vCPUs.

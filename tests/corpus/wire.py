@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from windump_plugins.rsp import RemoteStub
-from windump_plugins.rsppacket import frame
+from windump_plugins.live.rsp import RemoteStub
+from windump_plugins.live.rsppacket import frame
 
 PACKET = re.compile(rb"\$[^#]*#..", re.S)
 

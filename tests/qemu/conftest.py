@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from qemu_guest import LARGE_VARIANT, VARIANTS, Machine, QemuGuest, Variant, build_guest, missing_tools
 
-from windump_plugins.guestmodel import CrashedGuest
+from windump_plugins.guest.model import CrashedGuest
 
 
 def require_qemu() -> None:

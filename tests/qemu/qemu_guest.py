@@ -23,8 +23,8 @@ from elftools.elf.elffile import ELFFile
 from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from windump_plugins.format import DUMP_HEADER64, PAGE_SHIFT
-from windump_plugins.guestmodel import IMAGE_BASE
+from windump_plugins.formats.dumpheader import DUMP_HEADER64, PAGE_SHIFT
+from windump_plugins.guest.model import IMAGE_BASE
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "drivers" / "build.sh"

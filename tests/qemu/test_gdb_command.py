@@ -19,8 +19,8 @@ from qemu_guest import REPO, VARIANTS, free_port
 from readers import PAGE_SIZE, kdmp_read, volatility_read
 from test_gdbstub_source import Qemu, note, seed
 
-from windump_plugins.guestmodel import IMAGE_BASE
-from windump_plugins.header import NO_NOTE_MESSAGE
+from windump_plugins.guest.model import IMAGE_BASE
+from windump_plugins.headers.published import NO_NOTE_MESSAGE
 
 pytestmark = pytest.mark.qemu
 
@@ -140,7 +140,7 @@ def test_selected_thread_gives_the_header_context(booted_once, tmp_path):
 
 def test_ctrl_c_leaves_no_file_and_restores_phymemmode(halted, tmp_path):
     """SIGINT in the middle of the pipelined reads: one line, no file, PhyMemMode 0, gdb in step."""
-    interrupt = ("python import os, signal; from windump_plugins import gdbscript as g; r = g.GdbConnection.readinto; "
+    interrupt = ("python import os, signal; from windump_plugins.frontends import gdb as g; r = g.GdbConnection.readinto; "
                  "n = [0]\n"
                  "def readinto(self, *a):\n"
                  "    n[0] += 1\n"
@@ -171,7 +171,7 @@ def test_connection_dropped_mid_dump(tmp_path):
     qemu = Qemu(tmp_path / "dropped")
     seed(qemu.location, 0x3F00000, note())  # near the top: the scan reads most of RAM first
     hook = tmp_path / "drop.py"
-    hook.write_text("import os, signal\nfrom windump_plugins import gdbscript as g\nr = g.GdbConnection.readinto\n"
+    hook.write_text("import os, signal\nfrom windump_plugins.frontends import gdb as g\nr = g.GdbConnection.readinto\n"
                     "n = [0]\n"
                     "def readinto(self, *a):\n"
                     "    n[0] += 1\n"

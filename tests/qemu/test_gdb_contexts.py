@@ -16,7 +16,7 @@ from test_contexts import GPRS, processor_contexts
 from test_gdb_command import GDB, gdb
 from test_testbed_contexts import CONTEXT_VARIANTS, SELECTORS
 
-from windump_plugins.context import CONTEXT_ALL_AMD64
+from windump_plugins.formats.context import CONTEXT_ALL_AMD64
 from windump_plugins.dumpfile import DumpFile
 from windump_plugins.sources.gdbstub import GdbStubSource
 

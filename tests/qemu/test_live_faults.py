@@ -15,7 +15,7 @@ import pytest
 from qemu_guest import VARIANTS
 
 from corpus import BUILT_IN_PLUGINS
-from windump_plugins.rsp import RemoteStub
+from windump_plugins.live.rsp import RemoteStub
 
 pytestmark = pytest.mark.qemu
 

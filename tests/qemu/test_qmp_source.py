@@ -17,7 +17,7 @@ from qemu_guest import QEMU, VARIANTS, Machine, QemuGuest, Variant, free_port, m
 from readers import PAGE_SIZE, kdmp_read, volatility_read
 
 from windump_plugins.errors import SourceError, WindumpError
-from windump_plugins.guestmodel import IMAGE_BASE, CrashedGuest
+from windump_plugins.guest.model import IMAGE_BASE, CrashedGuest
 from windump_plugins.save import save
 from windump_plugins.sources.qmp import QmpSource
 

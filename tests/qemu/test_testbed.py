@@ -13,10 +13,17 @@ import pytest
 from qemu_guest import (VARIANTS, Machine, Variant, dump_header, dump_runs, elf_loads, elf_note_bytes, elf_notes,
                         read_dump_physical, read_elf_physical)
 
-from windump_plugins.context import CONTEXT, CONTEXT_ALL_AMD64
-from windump_plugins.format import DUMP_HEADER64, LIVE_SYSTEM_DUMP, PAGE_SIZE
-from windump_plugins.guestmodel import (IMAGE_BASE, KERNEL_SELECTORS, PTE_ADDRESS, PTE_LARGE, PTE_PRESENT,
-                                        STAMP_MAGIC, pc_ram)
+from windump_plugins.formats.context import CONTEXT, CONTEXT_ALL_AMD64
+from windump_plugins.formats.dumpheader import DUMP_HEADER64, LIVE_SYSTEM_DUMP, PAGE_SIZE
+from windump_plugins.guest.model import (
+    IMAGE_BASE,
+    KERNEL_SELECTORS,
+    PTE_ADDRESS,
+    PTE_LARGE,
+    PTE_PRESENT,
+    STAMP_MAGIC,
+    pc_ram,
+)
 
 pytestmark = pytest.mark.qemu
 

@@ -10,10 +10,16 @@ from qemu_guest import VARIANTS, Machine, Variant
 from readers import PAGE_MASK, kdmp_read, volatility_read
 from test_contexts import GPRS, processor_contexts
 
-from windump_plugins.context import CONTEXT, CONTEXT_AMD64, CONTEXT_CONTROL, CONTEXT_INTEGER, CONTEXT_SEGMENTS
+from windump_plugins.formats.context import (
+    CONTEXT,
+    CONTEXT_AMD64,
+    CONTEXT_CONTROL,
+    CONTEXT_INTEGER,
+    CONTEXT_SEGMENTS,
+)
 from windump_plugins.dumpfile import DumpFile
 from windump_plugins.fresh import STATUS_BREAKPOINT
-from windump_plugins.guestmodel import SYSTEM_TIME
+from windump_plugins.guest.model import SYSTEM_TIME
 
 pytestmark = pytest.mark.qemu
 

@@ -19,16 +19,17 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import SourceError, WindumpError
-from ..format import PAGE_SIZE
-from ..header import WindumpWarning
+from ..formats.dumpheader import PAGE_SIZE
+from ..errors import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
-from ..hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
-from ..procmem import ProcessMemory, peer_pid
-from ..rsp import RemoteStub
+from ..live.hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
+from ..live.procmem import ProcessMemory, peer_pid
+from ..live.rsp import RemoteStub
 from ..source import CpuState, MemorySource
-from ..vmcoreinfo import NOTE_HEADER_SIZE, parse_note, scan_for_note
+from ..formats.vmcoreinfo import NOTE_HEADER_SIZE, parse_note
+from ..notescan import scan_for_note
 
 #: The ELF note header the guest driver puts before its dump header: namesz, descsz, type, name.
 
@@ -91,7 +92,7 @@ def parse_location(location: str) -> dict | None:
 
 class QemuStub(Protocol):
     """What :class:`GdbStubSource` needs of a connection to QEMU's gdbstub: :class:`RemoteStub`
-    (our own socket) or the adapter for gdb's connection in :mod:`windump_plugins.gdbscript`."""
+    (our own socket) or the adapter for gdb's connection in :mod:`windump_plugins.frontends.gdb`."""
 
     address: str
     #: Whether attaching stopped a running VM (then closing our own connection resumes it).

@@ -48,15 +48,15 @@ from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import SourceError
-from ..format import PAGE_SIZE
+from ..formats.dumpheader import PAGE_SIZE
 from ..hookspecs import SourceKind, hookimpl
 from ..location import host_and_port
 from ..location import options as location_options
-from ..elfstream import ElfStream
-from ..hmp import parse_host_address, parse_ram_map, ram_layout
-from ..procmem import ProcessMemory, peer_pid
+from ..live.elfstream import ElfStream
+from ..live.hmp import parse_host_address, parse_ram_map, ram_layout
+from ..live.procmem import ProcessMemory, peer_pid
 from ..source import CpuState, FileExtent, MemorySource
-from .elf import ElfSource
+from ..elffile import ElfSource
 
 SCHEME = "qmp"
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import SourceError
-from ..guestmodel import CrashedGuest, pc_ram
+from ..guest.model import CrashedGuest, pc_ram
 from ..hookspecs import SourceKind, hookimpl
 from ..source import CpuState, MemorySource
 
@@ -61,7 +61,7 @@ def open_sample(location: str) -> SampleSource:
 
 
 class SampleSource(MemorySource):
-    """A :class:`~windump_plugins.guestmodel.CrashedGuest` served as a memory source."""
+    """A :class:`~windump_plugins.guest.model.CrashedGuest` served as a memory source."""
 
     def __init__(self, guest: CrashedGuest, description: str = SCHEME) -> None:
         self.guest = guest

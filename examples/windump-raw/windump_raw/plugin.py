@@ -8,7 +8,7 @@ without it the source scans guest RAM for the note once, when windump first asks
 
 This module uses only windump's public plugin API: :mod:`windump_plugins.hookspecs`,
 :mod:`windump_plugins.filemap` (a :class:`~windump_plugins.source.MemorySource` over pieces of
-one file), :mod:`windump_plugins.vmcoreinfo` and :mod:`windump_plugins.errors`.
+one file), :mod:`windump_plugins.formats.vmcoreinfo` and :mod:`windump_plugins.errors`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from windump_plugins.errors import FormatError, SourceError
 from windump_plugins.filemap import FileMap, FileMapSource
 from windump_plugins.hookspecs import SourceKind, hookimpl
-from windump_plugins.vmcoreinfo import scan_for_note
+from windump_plugins.notescan import scan_for_note
 
 SCHEME = "raw:"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import SourceError
+from ..errors import SourceError
 
 #: Bytes that must be escaped inside a packet: ``}`` then the byte XOR 0x20.
 _ESCAPED = frozenset(b"$#}*")

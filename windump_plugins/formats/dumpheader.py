@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FormatError
+from ..errors import FormatError
 
 PAGE_SIZE = 0x1000
 PAGE_SHIFT = 12

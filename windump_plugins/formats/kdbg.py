@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import layout
+from .dumpheader import layout
 
 OWNER_TAG = b"KDBG"
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .format import layout
+from .dumpheader import layout
 
 CONTEXT_AMD64 = 0x100000
 CONTEXT_CONTROL = CONTEXT_AMD64 | 0x1  # Rip, Rsp, EFlags, SegCs, SegSs

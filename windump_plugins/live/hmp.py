@@ -7,8 +7,8 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .errors import SourceError
-from .pieces import PieceMap
+from ..errors import SourceError
+from ..pieces import PieceMap
 
 _FLATVIEW_ENTRY = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]+))?", re.M)
 _HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")

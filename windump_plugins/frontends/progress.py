@@ -10,7 +10,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from .writer import ProgressCallback
+from ..writer import ProgressCallback
 
 
 @contextmanager

@@ -22,13 +22,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .context import CONTEXT, MXCSR_DEFAULT, context_from_registers
-from .errors import SourceError, TranslationError
-from .format import (DUMP_HEADER64, DUMP_TYPE_FULL, EXCEPTION_RECORD64, IMAGE_FILE_MACHINE_AMD64,
-                     PAGE_SHIFT, PAGE_SIZE, SIGNATURE, VALID_DUMP64, layout, set_header_runs)
-from .fresh import KUSER_SHARED_DATA
-from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG, encode_kdbg
-from .source import CpuState
+from ..formats.context import CONTEXT, MXCSR_DEFAULT, context_from_registers
+from ..errors import SourceError, TranslationError
+from ..formats.dumpheader import (
+    DUMP_HEADER64,
+    DUMP_TYPE_FULL,
+    EXCEPTION_RECORD64,
+    IMAGE_FILE_MACHINE_AMD64,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    SIGNATURE,
+    VALID_DUMP64,
+    layout,
+    set_header_runs,
+)
+from ..formats.kuser import KUSER_SHARED_DATA
+from ..formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG, encode_kdbg
+from ..source import CpuState
 
 #: Physical address where the model's image (boot parameters first) is loaded into the guest.
 IMAGE_BASE = 0x400000

@@ -1,5 +1,5 @@
-"""The VMCOREINFO note a Windows guest's fwcfg driver publishes, and a vectorised scan of guest RAM
-for it, for sources that cannot ask QEMU where the note is (a gdbstub, a raw memory image).
+"""The VMCOREINFO note a Windows guest's fwcfg driver publishes: its layout, and a vectorised search
+for it in a chunk of memory.
 
 The note is a 24-byte ELF note header (namesz 11, descsz, type 0, "VMCOREINFO" padded to 12) and
 then the dump header: ``PAGE`` ``DU64`` (descsz 0x2000) or ``PAGE`` ``DUMP`` (descsz 0x1000).
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import SIGNATURE, VALID_DUMP32, VALID_DUMP64
-from .source import MemorySource
+from .dumpheader import SIGNATURE, VALID_DUMP32, VALID_DUMP64
 
 NOTE_NAME = b"VMCOREINFO\0\0"
 NOTE_HEADER_SIZE = 24
@@ -21,9 +20,6 @@ NOTE_DESC_SIZES = {VALID_DUMP64: 0x2000, VALID_DUMP32: 0x1000}
 
 #: Bytes that identify a note: its header and the dump header's two magic words.
 NOTE_ID_SIZE = NOTE_HEADER_SIZE + 8
-
-#: RAM read per step when scanning for the note.
-SCAN_CHUNK = 16 << 20
 
 
 def parse_note(data: bytes) -> int | None:
@@ -55,25 +51,3 @@ def find_notes(chunk: np.ndarray) -> list[int]:
     candidates = np.flatnonzero(words[3 : 3 + count] == _NOTE_WORDS[0])
     candidates = candidates[(words[candidates] == 11) & (words[candidates + 2] == 0)]
     return [4 * index for index in candidates.tolist() if parse_note(chunk[4 * index : 4 * index + NOTE_ID_SIZE].tobytes())]
-
-
-def scan_for_note(source: MemorySource, chunk_size: int | None = None) -> tuple[int, bytes] | None:
-    """The physical address and bytes of the first whole VMCOREINFO note in ``source``'s RAM, or
-    None; RAM is read ``chunk_size`` (default :data:`SCAN_CHUNK`) bytes at a time from the bottom,
-    stopping at the first note."""
-    chunk_size = chunk_size or SCAN_CHUNK
-    chunk = np.empty(chunk_size, dtype=np.uint8)
-    for start, end in source.ram.tolist():
-        position = start
-        while True:
-            length = min(chunk_size, end - position)
-            source.readinto(position, memoryview(chunk[:length]))
-            for found in find_notes(chunk[:length]):
-                address = position + found
-                size = parse_note(chunk[found : found + NOTE_ID_SIZE].tobytes())
-                if address + size <= end:
-                    return address, source.read(address, size)
-            if position + length >= end:
-                break
-            position += length - NOTE_ID_SIZE  # a note cut by the chunk's end is seen whole in the next
-    return None

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .errors import WindumpError
-from .plugins import Plugins, load_plugins
+from .. import __version__
+from ..errors import WindumpError
+from ..plugins import Plugins, load_plugins
 
 PROG = "windump"
 
@@ -98,7 +98,7 @@ def _size(count: int) -> str:
 )
 def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     from .progress import progress_bar
-    from .save import save
+    from ..save import save
 
     source = plugins.open_source(args.source)
     try:
@@ -124,7 +124,7 @@ def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     examples=("windump info guest.dmp",),
 )
 def _info(args: argparse.Namespace, plugins: Plugins) -> int:
-    from .verify import describe_dump
+    from ..verify import describe_dump
 
     print(describe_dump(args.dump))
     return 0
@@ -139,7 +139,7 @@ def _info(args: argparse.Namespace, plugins: Plugins) -> int:
     examples=("windump verify guest.dmp",),
 )
 def _verify(args: argparse.Namespace, plugins: Plugins) -> int:
-    from .verify import verify_dump
+    from ..verify import verify_dump
 
     problems = verify_dump(args.dump)
     for problem in problems:
@@ -177,7 +177,7 @@ def _plugins(args: argparse.Namespace, plugins: Plugins) -> int:
     examples=("gdb -ex 'target remote 127.0.0.1:1234' -ex \"source $(windump gdb-script)\" -ex 'windump-save guest.dmp'",),
 )
 def _gdb_script(args: argparse.Namespace, plugins: Plugins) -> int:
-    from .gdbscript import print_script_path
+    from .gdb import print_script_path
 
     return print_script_path(args, plugins)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import importlib.util
 from pathlib import Path
 
-from .errors import SourceError, WindumpError
-from .rsp import QemuQueries, RemoteStub, parse_supported
-from .writer import ProgressCallback
+from ..errors import SourceError, WindumpError
+from ..live.rsp import QemuQueries, RemoteStub, parse_supported
+from ..writer import ProgressCallback
 
 #: The features gdb announces in its own ``qSupported``, repeated to learn the stub's PacketSize
 #: without changing what gdb negotiated.
@@ -297,8 +297,8 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
                 terminal: bool, timeout: float = 10.0) -> str:
     """Run ``windump-save ARGV`` in gdb: write the dump of the guest gdb is attached to, and return
     the summary line (empty with ``--quiet``). Expected failures raise WindumpError; the guest stays stopped."""
-    from .save import save
-    from .sources.gdbstub import GdbStubSource
+    from ..save import save
+    from ..sources.gdbstub import GdbStubSource
 
     options = save_parser().parse_args(list(argv))
     force = settings.force if options.force is None else options.force

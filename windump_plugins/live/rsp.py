@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .errors import SourceError
+from ..errors import SourceError
 from .rsppacket import HEX_VALUE, checksum, decode, frame, read_request
 from .targetxml import Register, parse_target_description, xml_includes
 

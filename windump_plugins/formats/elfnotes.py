@@ -13,9 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import FormatError
-from .format import layout
-from .source import CpuState
+from ..errors import FormatError
+from .dumpheader import layout
 
 #: Elf32_Nhdr and Elf64_Nhdr are the same three words; QEMU pads name and descriptor to 4 bytes.
 NOTE_HEADER = layout(12, [(0, "n_namesz", "<u4"), (4, "n_descsz", "<u4"), (8, "n_type", "<u4")])
@@ -124,11 +123,12 @@ def _prstatus_registers(desc: bytes, where: str) -> dict[str, int]:
     return {name: int(regs[name]) for name in prstatus.names if name not in ("pr_pid", "orig_rax")}
 
 
-def cpu_states(notes: list[ElfNote], where: str) -> list[CpuState]:
-    """Each vCPU's registers in QEMU's CPU order: from its QEMU note, else from its CORE note."""
+def cpu_registers(notes: list[ElfNote], where: str) -> list[dict[str, int]]:
+    """Each vCPU's registers in QEMU's CPU order, named as :class:`~windump_plugins.source.CpuState`
+    names them: from its QEMU note, else from its CORE note."""
     qemu = [_qemu_cpu_registers(n.desc, where) for n in notes if n.name == QEMU_NOTE_NAME]
     core = [_prstatus_registers(n.desc, where) for n in notes if n.name == CORE_NOTE_NAME and n.type == NT_PRSTATUS]
-    return [CpuState(i, qemu[i] if i < len(qemu) else core[i]) for i in range(max(len(qemu), len(core)))]
+    return [qemu[i] if i < len(qemu) else core[i] for i in range(max(len(qemu), len(core)))]
 
 
 def vmcoreinfo_note(notes: list[ElfNote]) -> bytes | None:

@@ -7,8 +7,16 @@ import os
 
 import numpy as np
 
-from .errors import FormatError, SourceError
-from .sources.elf import ELF_CLASSES, ELFMAG, EI_CLASS, PN_XNUM, PT_LOAD
+from ..errors import FormatError, SourceError
+from ..formats.elf import (
+    EI_NIDENT,
+    PT_LOAD,
+    elf_class,
+    needs_section0,
+    parse_elf_header,
+    parse_program_headers,
+    program_header_count,
+)
 
 
 class ElfStream:
@@ -42,24 +50,25 @@ class ElfStream:
     def _read_headers(self) -> None:
         """Read the ELF and program headers (and the section header they may need) off the stream,
         and set up the PT_LOADs in file order."""
-        head = self._take(16)
-        if not head.startswith(ELFMAG) or head[EI_CLASS] not in ELF_CLASSES:
-            raise self._fail(f"does not start as an ELF file ({head[:8]!r})")
-        elf_class = ELF_CLASSES[head[EI_CLASS]]
-        data = head + self._take(elf_class.ehdr.itemsize - 16)
-        ehdr = np.frombuffer(data, elf_class.ehdr, 1)[0]
-        phoff, phnum = int(ehdr["e_phoff"]), int(ehdr["e_phnum"])
-        if phnum == PN_XNUM:
+        where = f"{self.description}: QEMU's dump stream"
+        ident = self._take(EI_NIDENT)
+        found = elf_class(ident, where)
+        data = ident + self._take(found.ehdr.itemsize - EI_NIDENT)
+        found, ehdr = parse_elf_header(data, where)
+        phoff = int(ehdr["e_phoff"])
+        section0 = None
+        if needs_section0(ehdr):
             shoff = int(ehdr["e_shoff"])
             if shoff < len(data) or shoff > phoff:
                 raise self._fail("has its PN_XNUM section header after the program headers")
-            data += self._take(shoff + elf_class.shdr.itemsize - len(data))
-            phnum = int(np.frombuffer(data, elf_class.shdr, 1, shoff)[0]["sh_info"])
-        table_end = phoff + phnum * elf_class.phdr.itemsize
+            data += self._take(shoff + found.shdr.itemsize - len(data))
+            section0 = data[shoff:]
+        phnum = program_header_count(found, ehdr, section0, where)
+        table_end = phoff + phnum * found.phdr.itemsize
         if phoff < len(data):
             raise self._fail("has its program headers inside the ELF header")
         data += self._take(table_end - len(data))
-        phdrs = np.frombuffer(data, elf_class.phdr, phnum, phoff)
+        phdrs = parse_program_headers(data[phoff:table_end], found)
         loads = phdrs[(phdrs["p_type"] == PT_LOAD) & (phdrs["p_filesz"] > 0)]
         order = np.argsort(loads["p_offset"], kind="stable")
         self._offsets = loads["p_offset"][order].astype(np.uint64)

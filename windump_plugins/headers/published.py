@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import format as fmt
-from .errors import FormatError, WindumpError
-from .kdbg import KDDEBUGGER_DATA64, OWNER_TAG
-from .paging import X86_64, AddressSpace
-from .runs import check_runs
-from .source import MemorySource
-from .vmcoreinfo import NOTE_HEADER_SIZE
+from ..formats import dumpheader as fmt
+from ..errors import FormatError, WindumpError, WindumpWarning
+from ..formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
+from ..paging import X86_64, AddressSpace
+from ..runs import check_runs
+from ..source import MemorySource
+from ..formats.vmcoreinfo import NOTE_HEADER_SIZE
 
 #: The four bug-check words QEMU copies (code, then parameters 1-4), each pointer-sized.
 BUGCHECK_WORDS = 5
@@ -33,10 +33,6 @@ NO_NOTE_MESSAGE = (
     "the guest published no VMCOREINFO note: is `-device vmcoreinfo` on the QEMU command line and the "
     "fwcfg driver running in the guest? (see docs: QEMU set-up)"
 )
-
-
-class WindumpWarning(UserWarning):
-    """Something QEMU only warns about: the dump is still written, with the guest's value kept."""
 
 
 @dataclass

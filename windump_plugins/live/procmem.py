@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import SourceError
+from ..errors import SourceError
 
 
 def _proc_net_address(address: tuple) -> str:
