@@ -16,7 +16,7 @@ from .errors import WindumpWarning
 from .headers.published import prepare_header
 from .formats.kdbg import KDDEBUGGER_DATA64
 from .processors import context_overlays, find_processors
-from .source import MemorySource
+from .source import Access, MemorySource
 from .writer import ProgressCallback, write_dump
 
 NO_CPU_STATE_MESSAGE = (
@@ -38,6 +38,8 @@ class SaveReport:
     format: str
     #: Windows processors whose CONTEXT holds its vCPU's registers.
     contexts: int = 0
+    #: How the source read guest memory, taken once its reads were done.
+    access: Access | None = None
 
     @property
     def bytes_per_second(self) -> float:
@@ -91,4 +93,5 @@ def save(
         seconds=time.perf_counter() - started,
         format=prepared.format.name,
         contexts=contexts,
+        access=source.access(),
     )

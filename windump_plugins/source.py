@@ -30,6 +30,21 @@ class CpuState:
     registers: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Access:
+    """How a source reached guest memory, as the save report, ``-v`` and ``--json`` show it.
+
+    ``path`` names the memory path that served the reads (``file``, ``model``, ``procmem``,
+    ``shm``, ``stream``, ``packets`` ...); ``passed_over`` maps each faster path that was not used
+    to why, in the order they were tried; ``paused_seconds`` is how long windump kept a running
+    guest paused (0.0 when it found the guest paused, None for a source with no live guest).
+    """
+
+    path: str
+    passed_over: dict[str, str] = field(default_factory=dict)
+    paused_seconds: float | None = None
+
+
 class FileExtent(NamedTuple):
     """Guest bytes that lie as-is in a file, so the writer can copy them in the kernel."""
 
@@ -83,6 +98,10 @@ class MemorySource(abc.ABC):
     def cpus(self) -> list[CpuState]:
         """Every vCPU's registers, in the hypervisor's CPU order; empty when the source has none."""
         return []
+
+    def access(self) -> Access:
+        """How this source reads guest memory; live sources override it (see :class:`Access`)."""
+        return Access("file" if type(self).file_extents is not MemorySource.file_extents else "direct")
 
     def reading_done(self) -> None:
         """Called once every byte the dump needs has been read, before the output is synced.
