@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the whole test suite needs (QEMU, gcc, binutils and gdb from Debian when run as root;
-# windump with its test and docs extras in .venv) and runs it; arguments go to pytest.
+# windump with its test and docs extras in .venv) and runs it; arguments go to pytest, which lists
+# every skipped or failed test in its summary.
 # pytest's "no tests ran" (exit 5) counts as a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +35,9 @@ if [ "$free_gib" -lt 8 ]; then
     echo "test.sh: warning: only $free_gib GiB free in $temp; the QEMU tests need about 6 GiB" >&2
 fi
 
+# -ra: the summary names every test that did not pass, skips included (under CI a skip fails).
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+.venv/bin/python -m pytest -ra "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test.sh: pytest collected no tests: failing" >&2
     exit 1

@@ -1,4 +1,6 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the rule that under CI (``WINDUMP_REQUIRE_QEMU=1``) no
+test may skip: :func:`gate.require` is the one place a test skips for a missing tool, and any skip
+that happens anyway (a ``skipif`` mark, ``pytest.skip`` or ``importorskip``) is reported as a failure."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
+from gate import everything_required
+from gate import require as require_tools
 
 #: The plugins windump itself ships: tests run with these alone, whatever else is installed.
 BUILT_IN_PLUGINS = ",".join(
@@ -30,3 +34,32 @@ def run_windump(tmp_path):
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def require():
+    """:func:`gate.require`, for tests that prefer a fixture: ``require("gdb")``."""
+    return require_tools
+
+
+def _fail_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under CI, turn a skipped report into a failed one that says what skipped and why."""
+    if not everything_required() or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under WINDUMP_REQUIRE_QEMU=1, where nothing may skip: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report = yield
+    _fail_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> pytest.CollectReport:
+    report = yield
+    _fail_skip(report)
+    return report

@@ -8,16 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from difftable import load_differences
+from gate import require
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 
 def test_docs_build_without_warnings(tmp_path):
-    pytest.importorskip("sphinx", reason="sphinx is not installed (pip install -e .[docs])")
+    require("sphinx")
     build = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
          "-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import struct
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from gate import require
 from elfmaker import BIOS_BASE, BIOS_SIZE, EM_386, TinyGuest, bios_rom, note, write_qemu_elf
 from windump_plugins.formats.elfnotes import PRSTATUS_I386, PRSTATUS_X86_64, QEMU_CPU_SEGMENT, QEMU_CPU_STATE
 from windump_plugins.errors import SourceError
@@ -261,10 +261,7 @@ def test_hooks_claim_only_elf_files(tmp_path):
 
 def qmp_dump(tmp_path, paging: bool) -> str:
     """Dump a stopped ``pc`` VM of 64 MiB and 2 vCPUs with QEMU itself; return the ELF's path."""
-    if shutil.which("qemu-system-x86_64") is None:
-        if os.environ.get("WINDUMP_REQUIRE_QEMU") == "1":
-            pytest.fail("qemu-system-x86_64 is not installed and WINDUMP_REQUIRE_QEMU=1")
-        pytest.skip("qemu-system-x86_64 is not installed")
+    require("qemu-system-x86_64")
     socket_path, dump = str(tmp_path / "qmp.sock"), str(tmp_path / "qemu.elf")
     qemu = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc", "-m", "64M", "-smp", "2", "-S", "-nodefaults",
                              "-display", "none", "-qmp", f"unix:{socket_path},server=on,wait=off"])

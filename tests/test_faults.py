@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from corpus import BUILT_IN_PLUGINS
+from gate import unavailable
 from corpus.files import model_elf_with
 
 #: Bytes of a sample guest with this much RAM: large enough that its body takes a while to write.
@@ -35,7 +36,7 @@ def tmpfs(path: Path, options: str):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "windump-test", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
     try:
         yield path
     finally:

@@ -20,6 +20,7 @@ import warnings
 
 import numpy as np
 import pytest
+from gate import require
 from qemu.qmp import ConnectError, QMPClient
 
 from windump_plugins.errors import SourceError
@@ -46,10 +47,7 @@ class Qemu:
     """A diskless 64 MiB, 2-vCPU QEMU with a gdbstub on loopback and QMP on a unix socket."""
 
     def __init__(self, directory, *, start_stopped=True) -> None:
-        if QEMU is None:
-            if os.environ.get("WINDUMP_REQUIRE_QEMU") == "1":
-                pytest.fail("qemu-system-x86_64 is not installed and WINDUMP_REQUIRE_QEMU=1")
-            pytest.skip("qemu-system-x86_64 is not installed")
+        require("qemu-system-x86_64")
         self.port = free_port()
         directory.mkdir()
         self.qmp_path = str(directory / "qmp.sock")

@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from gate import unavailable
 
 from windump_plugins import writer
 from windump_plugins.errors import SourceError, WindumpError
@@ -108,7 +109,7 @@ def small_tmpfs(tmp_path):
     mount_point.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
                       capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+        unavailable("cannot mount a tmpfs here")
     yield mount_point
     subprocess.run(["umount", str(mount_point)], check=True)
 

@@ -7,26 +7,21 @@ when ``WINDUMP_REQUIRE_QEMU=1`` (CI sets it where QEMU is installed).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from qemu_guest import LARGE_VARIANT, VARIANTS, Machine, QemuGuest, Variant, build_guest, missing_tools
+from gate import require
+from qemu_guest import LARGE_VARIANT, TOOLS, VARIANTS, Machine, QemuGuest, Variant, build_guest
 
 from windump_plugins.guest.model import CrashedGuest
 
 
 def require_qemu() -> None:
-    """Skip loudly without QEMU or the guest's toolchain; fail instead under WINDUMP_REQUIRE_QEMU=1."""
-    missing = missing_tools()
-    if missing:
-        reason = f"QEMU TEST BED UNAVAILABLE: {', '.join(missing)} not on PATH"
-        if os.environ.get("WINDUMP_REQUIRE_QEMU") == "1":
-            pytest.fail(f"{reason} (WINDUMP_REQUIRE_QEMU=1)")
-        pytest.skip(reason)
+    """QEMU and the guest's toolchain, through the one gate: skip without them, fail under CI."""
+    require(*TOOLS)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from gate import require
 from qemu_guest import REPO, VARIANTS, free_port
 from readers import PAGE_SIZE, kdmp_read, volatility_read
 from test_gdbstub_source import Qemu, note, seed
@@ -33,10 +34,7 @@ GDB = shutil.which("gdb")
 
 @pytest.fixture(autouse=True)
 def _require_gdb():
-    if GDB is None:
-        if os.environ.get("WINDUMP_REQUIRE_QEMU") == "1":
-            pytest.fail("gdb is not installed and WINDUMP_REQUIRE_QEMU=1")
-        pytest.skip("gdb is not installed")
+    require("gdb")
 
 
 def gdb(port: int | None, *commands: str, script: Path = SCRIPT, env: dict[str, str] | None = None,

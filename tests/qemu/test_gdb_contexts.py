@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gate import require
 from readers import KDMP_CONTEXT_FIELDS, kdmp_read
 from test_contexts import GPRS, processor_contexts
-from test_gdb_command import GDB, gdb
+from test_gdb_command import gdb
 from test_testbed_contexts import CONTEXT_VARIANTS, SELECTORS
 
 from windump_plugins.formats.context import CONTEXT_ALL_AMD64
@@ -137,8 +138,7 @@ def test_guest_ram_is_unchanged_by_the_dump(live):
 def test_windump_save_in_gdb_writes_debug_registers(booted_once, tmp_path):
     """Inside gdb, the registers come from gdb's frames and the debug registers from gdb's
     ``monitor``: they still land in each processor's CONTEXT."""
-    if GDB is None:
-        pytest.skip("gdb is not installed")
+    require("gdb")
     guest = booted_once(CONTEXT_VARIANTS[-1])  # four vCPUs, KiProcessorBlock reordered
     shown = guest.qemu.registers()
     dump = tmp_path / "gdb.dmp"
