@@ -1,10 +1,13 @@
-"""Third-party readers (kdmp-parser, volatility3) asked what they see in a dump, and pyelftools' view
-of the QEMU ELF it came from: the independent judges of windump's output.
+"""Third-party readers (kdmp-parser, volatility3, memprocfs) asked what they see in a dump, and
+pyelftools' view of the QEMU ELF it came from: the independent judges of windump's output.
 
 Each reader runs in a subprocess (this file run as a script, a JSON request on stdin, a JSON answer
 on stdout), because kdmp-parser can crash on a damaged file and a judge must not take the test run
 down with it. One subprocess per reader reads every address asked for, since importing volatility3
 and stacking its layers costs far more than the reads.
+
+memprocfs judges dumps of :data:`MEMPROCFS_MIN_SIZE` and more only (it takes smaller files for
+something else): :func:`judges` names the readers that apply to a dump.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from elftools.elf.elffile import ELFFile
@@ -32,6 +35,9 @@ KDMP_CONTEXT_FIELDS = ("ContextFlags", "MxCsr", "MxCsr2", "SegCs", "SegDs", "Seg
 #: Seconds a reader may take for one dump before the test calls it hung.
 READER_TIMEOUT = 120
 
+#: The smallest file memprocfs reads as a crash dump: LeechCore opens a smaller one as something else.
+MEMPROCFS_MIN_SIZE = 16 << 20
+
 
 @dataclass
 class Result:
@@ -41,6 +47,10 @@ class Result:
     such page); ``translations`` maps each virtual address to its physical address (None when it
     does not translate) and ``virtual`` to the bytes of its page read through the reader's own
     translation. ``errors`` says, per address, why the reader failed on it.
+
+    memprocfs reports no DumpType but what its device layer read from the header: ``kdbg_address``
+    (KdDebuggerDataBlock), ``processors`` (NumberProcessors) and ``memory_map``, each run as
+    ``[physical base, bytes, offset in the file]``.
     """
 
     reader: str
@@ -54,6 +64,9 @@ class Result:
     translations: dict[int, int | None] = field(default_factory=dict)
     virtual: dict[int, bytes | None] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    kdbg_address: int | None = None
+    processors: int | None = None
+    memory_map: list[list[int]] = field(default_factory=list)
 
 
 def kdmp_read(dump: str | os.PathLike, physical: Sequence[int] = (), virtual: Sequence[int] = ()) -> Result:
@@ -69,6 +82,28 @@ def volatility_read(
     by its Windows Intel32e layer from ``dtb`` (the header's DirectoryTableBase when None)."""
     request = {"dump": os.fspath(dump), "physical": list(physical), "virtual": list(virtual), "dtb": dtb}
     return _run("volatility", request)
+
+
+def memprocfs_read(
+    dump: str | os.PathLike, physical: Sequence[int] = (), virtual: Sequence[int] = (), dtb: int | None = None
+) -> Result:
+    """memprocfs's view of ``dump``: what its LeechCore device read from the header, each physical
+    page, and each virtual address translated by memprocfs's own x64 paging from ``dtb`` (the
+    header's DirectoryTableBase when None). For dumps of :data:`MEMPROCFS_MIN_SIZE` and more."""
+    request = {"dump": os.fspath(dump), "physical": list(physical), "virtual": list(virtual), "dtb": dtb}
+    return _run("memprocfs", request)
+
+
+#: Every judge, by the name its Result carries.
+READERS: dict[str, Callable[..., Result]] = {
+    "kdmp": kdmp_read, "volatility": volatility_read, "memprocfs": memprocfs_read,
+}
+
+
+def judges(dump: str | os.PathLike) -> dict[str, Callable[..., Result]]:
+    """The readers that judge ``dump``: all of :data:`READERS`, less memprocfs below its minimum size."""
+    small = os.path.getsize(dump) < MEMPROCFS_MIN_SIZE
+    return {name: read for name, read in READERS.items() if not (small and name == "memprocfs")}
 
 
 def _run(reader: str, request: dict) -> Result:
@@ -97,6 +132,9 @@ def _run(reader: str, request: dict) -> Result:
         translations={int(k): v for k, v in answer.get("translations", {}).items()},
         virtual=_pages(answer.get("virtual", {})),
         errors={int(k): v for k, v in answer.get("errors", {}).items()},
+        kdbg_address=answer.get("kdbg_address"),
+        processors=answer.get("processors"),
+        memory_map=answer.get("memory_map", []),
     )
 
 
@@ -215,9 +253,64 @@ def _drive_volatility(request: dict) -> dict:
     return answer
 
 
+def _drive_memprocfs(request: dict) -> dict:
+    import leechcorepyc
+    import memprocfs
+
+    path = request["dump"]
+    # Its device layer first: whether it took the file for a crash dump, and what it read from the header.
+    device = leechcorepyc.LeechCore("file://" + path)
+    try:
+        if not device.get_option(leechcorepyc.LC_OPT_MEMORYINFO_VALID):
+            return {"parsed": False, "reason": "memprocfs does not take the file for a crash dump "
+                                               "(LeechCore's MEMORYINFO_VALID is 0: it reads it as raw memory)"}
+        option = {name: device.get_option(getattr(leechcorepyc, f"LC_OPT_MEMORYINFO_{name}"))
+                  for name in ("OS_DTB", "OS_KdDebuggerDataBlock", "OS_NUM_PROCESSORS")}
+        memory_map = [[run["base"], run["size"], run["offset"]] for run in device.memmap]
+    finally:
+        device.close()
+    answer = {
+        "parsed": True,
+        "directory_table_base": option["OS_DTB"],
+        "kdbg_address": option["OS_KdDebuggerDataBlock"],
+        "processors": option["OS_NUM_PROCESSORS"],
+        "memory_map": memory_map,
+        "physical": {},
+        "translations": {},
+        "virtual": {},
+        "errors": {},
+    }
+    # With -dtb, memprocfs keeps a process for that page table when it finds no Windows kernel to
+    # walk (the model guest has no ntoskrnl image): its virtual reads are memprocfs's own translation.
+    dtb = (request["dtb"] if request["dtb"] is not None else option["OS_DTB"]) & PAGE_MASK & ((1 << 63) - 1)
+    vmm = memprocfs.Vmm(["-device", path, "-dtb", hex(dtb), "-disable-symbolserver", "-disable-python"])
+    try:
+        for pa in request["physical"]:
+            page = vmm.memory.read(pa & PAGE_MASK, PAGE_SIZE, memprocfs.FLAG_NOCACHE)
+            answer["physical"][pa] = _page_text(page) if len(page) == PAGE_SIZE else None
+            if len(page) != PAGE_SIZE:
+                answer["errors"][pa] = f"memprocfs read {len(page)} bytes of the page"
+        if request["virtual"]:
+            kernel = next((p for p in vmm.process_list() if p.dtb == dtb), None)
+            if kernel is None:
+                raise RuntimeError(f"memprocfs has no process with DirectoryTableBase {dtb:#x}")
+            for va in request["virtual"]:
+                try:
+                    answer["translations"][va] = kernel.memory.virt2phys(va)
+                except RuntimeError as error:
+                    answer["translations"][va] = answer["virtual"][va] = None
+                    answer["errors"][va] = str(error)
+                    continue
+                page = kernel.memory.read(va & PAGE_MASK, PAGE_SIZE, memprocfs.FLAG_NOCACHE)
+                answer["virtual"][va] = _page_text(page) if len(page) == PAGE_SIZE else None
+    finally:
+        vmm.close()
+    return answer
+
+
 def main(reader: str) -> None:
     request = json.load(sys.stdin)
-    drive = {"kdmp": _drive_kdmp, "volatility": _drive_volatility}[reader]
+    drive = {"kdmp": _drive_kdmp, "volatility": _drive_volatility, "memprocfs": _drive_memprocfs}[reader]
     # The readers print their complaints on stdout (kdmp-parser from C++): send those to stderr,
     # so that stdout carries the answer alone.
     answer_fd = os.dup(1)
