@@ -5,12 +5,12 @@ driver captured at boot are taken fresh; guest memory is never written."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 import warnings
 
 import numpy as np
 import pytest
-from elfmaker import write_qemu_elf
 
 from windump_plugins import __version__
 from windump_plugins.guest import model as guestmodel
@@ -24,7 +24,7 @@ from windump_plugins.guest.model import CrashedGuest
 from windump_plugins.errors import WindumpWarning
 from windump_plugins.paging import AddressSpace
 from windump_plugins.save import save
-from windump_plugins.elffile import ElfSource
+from windump_plugins.source import FileExtent, MemorySource
 from windump_plugins.sources.sample import SampleSource
 from windump_plugins.verify import verify_dump
 
@@ -241,15 +241,73 @@ def test_no_cpu_state_warns_and_writes_no_context(tmp_path):
         assert PAGE not in dump.header["Exception"].tobytes()
 
 
-def test_guest_memory_is_never_written(tmp_path):
-    """An ELF source's file is byte-identical after the dump (the contexts went to the output only)."""
+class SharedRamGuest(MemorySource):
+    """The model guest with its RAM in a file mapped shared and writable, as QEMU holds a
+    ``memory-backend-file,share=on``, handing windump views of that RAM wherever the source
+    interface lets a source give bytes: ``read`` and ``vmcoreinfo`` (the note lies in guest RAM)
+    return writable views of the mapping, ``file_extents`` names the RAM file, which is open for
+    writing. So whatever windump wrote into what it was given, or through the file, would land in
+    guest RAM."""
+
+    def __init__(self, guest: CrashedGuest, path, *, extents: bool):
+        self.guest, self.extents, self.description = guest, extents, "shared:ram"
+        size = int(guest.ram[-1, 1])
+        self.file = open(path, "w+b")
+        self.file.truncate(size)
+        self.mapping = mmap.mmap(self.file.fileno(), size)  # MAP_SHARED, readable and writable
+        self.view = memoryview(self.mapping)
+        for start, end in guest.ram.tolist():
+            guest.readinto(start, self.view[start:end])
+
+    @property
+    def ram(self):
+        return self.guest.ram
+
+    def readinto(self, address, buffer):
+        self.check_range(address, len(buffer))
+        buffer[:] = self.view[address:address + len(buffer)]
+
+    def read(self, address, length):
+        self.check_range(address, length)
+        return self.view[address:address + length]
+
+    def file_extents(self, address, length):
+        self.check_range(address, length)
+        return [FileExtent(self.file, address, length)] if self.extents else None
+
+    def vmcoreinfo(self):
+        address = self.guest.note_address
+        return self.view[address:address + len(self.guest.note)]
+
+    def cpus(self):
+        return self.guest.cpu_states
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.view).digest()
+
+    def close(self):
+        self.view.release()
+        self.mapping.close()
+        self.file.close()
+
+
+@pytest.mark.parametrize("extents", [False, True], ids=["reads", "file-extents"])
+def test_guest_memory_is_never_written(tmp_path, extents):
+    """Guest RAM that windump could write through every way a source hands it bytes (views of RAM,
+    the RAM file) is byte-identical after the dump, whose processor CONTEXTs hold the vCPUs'
+    registers and whose header is the patched one: the patches went to the output only."""
     guest = CrashedGuest(ram=RAM, cpus=2, processor_order=(1, 0))
-    elf = tmp_path / "guest.elf"
-    write_qemu_elf(elf, guest)
-    before = hashlib.sha256(elf.read_bytes()).digest()
-    with ElfSource(elf) as source:
+    with SharedRamGuest(guest, tmp_path / "ram", extents=extents) as source:
+        before = source.digest()
         save(source, tmp_path / "guest.dmp")
-    assert hashlib.sha256(elf.read_bytes()).digest() == before
+        assert source.digest() == before, "guest RAM changed"
+        note = bytes(source.vmcoreinfo())
+    assert note == guest.note
+    ram = (tmp_path / "ram").read_bytes()
+    for start, end in guest.ram.tolist():  # and it is still the model's RAM
+        assert ram[start:end] == guest.read(start, end - start)
     with DumpFile(tmp_path / "guest.dmp") as dump:
+        assert dump.header.tobytes() != guest.header.tobytes()
         for number, context in enumerate(processor_contexts(dump)):
-            assert int(context["Rsp"]) == guest.cpu_states[guest.processor_order[number]].registers["rsp"]
+            assert_holds_registers(context, guest.cpu_states[guest.processor_order[number]].registers,
+                                   f"processor {number}")
