@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -60,13 +61,30 @@ def test_force_replaces_existing_output(run_windump, tmp_path):
 
 
 def test_verify_reports_each_problem_and_fails(run_windump, tmp_path):
+    """Six faults planted at REFERENCE section 1's offsets, and the last page cut off: one line
+    each, in the order of the checks, and exit status 1."""
     assert run_windump("save", "-q", "sample:", "cut.dmp").returncode == 0
     dump = tmp_path / "cut.dmp"
-    dump.write_bytes(dump.read_bytes()[:-0x1000])
+    data = bytearray(dump.read_bytes())
+    size, pages = len(data), struct.unpack_from("<Q", data, 0x090)[0]
+    assert struct.unpack_from("<Q", data, 0xFA0)[0] == size  # RequiredDumpSpace, sound before the damage
+    struct.pack_into("<I", data, 0x030, 0x14C)  # MachineImageType: i386 in a PAGEDU64 header
+    struct.pack_into("<Q", data, 0x090, pages + 1)  # PhysicalMemoryBlock.NumberOfPages
+    struct.pack_into("<Q", data, 0xFA0, 0)  # RequiredDumpSpace
+    data[0xF9C:0xFA0] = b"PAGE"  # the pad after DumpType
+    data[0xF90:0xF94] = b"PAGE"  # in the exception record's ExceptionInformation
+    dump.write_bytes(data[:-0x1000])
     result = run_windump("verify", "cut.dmp")
-    assert result.returncode == 1
-    lines = result.stdout.splitlines()
-    assert lines and all(line.startswith("cut.dmp: ") and line != "cut.dmp: ok" for line in lines)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        "cut.dmp: MachineImageType is 0x14c, expected 0x8664 in a PAGEDU64 dump",
+        f"cut.dmp: NumberOfPages is {pages + 1}, the runs hold {pages}",
+        f"cut.dmp: file size is {size - 0x1000} bytes, header and runs make {size}",
+        f"cut.dmp: RequiredDumpSpace is 0x0, header and runs make {size:#x}",
+        "cut.dmp: pad after DumpType (header offset 0xf9c) is 0x45474150, expected 0",
+        'cut.dmp: the exception record still holds the "PAGE" filler at header offset 0xf90',
+    ]
+    assert result.stderr == ""
 
 
 def test_plugins_lists_builtin_sources_with_versions(run_windump):
