@@ -47,10 +47,10 @@ def test_values_are_percent_decoded():
     ("keep=yes", "x:?q: option 'keep' takes no value: write ?keep"),
     ("timeout", "x:?q: option 'timeout' needs a value: timeout=S"),
     ("keep&keep", "x:?q: option 'keep' is given twice"),
-    ("timeout=soon", "x:?q: bad option value timeout=soon: expected a number of seconds above 0, such as 2.5"),
-    ("timeout=0", "x:?q: bad option value timeout=0: expected a number of seconds above 0, such as 2.5"),
-    ("timeout=nan", "x:?q: bad option value timeout=nan: expected a number of seconds above 0, such as 2.5"),
-    ("header-pa=-1", "x:?q: bad option value header-pa=-1: expected a physical address such as 0x7fe000"),
+    ("timeout=soon", "x:?q: bad option value timeout='soon': expected a number of seconds above 0, such as 2.5"),
+    ("timeout=0", "x:?q: bad option value timeout='0': expected a number of seconds above 0, such as 2.5"),
+    ("timeout=nan", "x:?q: bad option value timeout='nan': expected a number of seconds above 0, such as 2.5"),
+    ("header-pa=-1", "x:?q: bad option value header-pa='-1': expected a physical address such as 0x7fe000"),
     ("memory=disk", "x:?q: memory='disk' is none of shm, stream"),
     ("=1", "x:?q: unknown option ''; the options are keep, header-pa=ADDR, timeout=S, memory=shm|stream"),
 ])
@@ -107,7 +107,7 @@ def test_windump_save_refuses_as_a_location_does():
     with pytest.raises(WindumpError) as raised:
         gdbfront.save_parser().parse_args(["--timeout", "soon", "out.dmp"])
     message = str(raised.value)
-    assert message.startswith("argument --timeout: bad option value timeout=soon: expected a number of seconds")
+    assert message.startswith("argument --timeout: bad option value timeout='soon': expected a number of seconds")
     assert "\n" not in message and message.endswith("[-q] [-v] FILE)")
     with pytest.raises(WindumpError, match=r"^unrecognized arguments: --packets-only \(usage: windump-save "):
         gdbfront.save_parser().parse_args(["--packets-only", "out.dmp"])

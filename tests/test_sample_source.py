@@ -84,9 +84,9 @@ def test_old_comma_form_warns_and_means_the_same(plugins):
     ("sample:?encoded=yes", "option 'encoded' takes no value: write ?encoded"),
     ("sample:?cpus", "option 'cpus' needs a value: cpus=N"),
     ("sample:?cpus=2&cpus=3", "option 'cpus' is given twice"),
-    ("sample:?cpus=two", "bad option value cpus=two: expected a whole number"),
+    ("sample:?cpus=two", "bad option value cpus='two': expected a whole number"),
     ("sample:?cpus=9", "1 to 8 vCPUs"),
-    ("sample:?ram=5T", "bad option value ram=5T: unknown size unit 'T'"),
+    ("sample:?ram=5T", "bad option value ram='5T': unknown size unit 'T'"),
     ("sample:?ram=1M", "legacy hole"),
 ])
 def test_rejects_bad_options_with_one_line(plugins, location, complaint):

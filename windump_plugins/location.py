@@ -8,6 +8,7 @@ import math
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import SourceError
 
@@ -63,7 +64,7 @@ class Option:
         try:
             return self.type(text)
         except ValueError as error:
-            raise ValueError(f"bad option value {self.name}={text}: {error}") from None
+            raise ValueError(f"bad option value {self.name}={text!r}: {error}") from None
 
     def default_value(self) -> object:
         if self.is_flag:
@@ -78,12 +79,12 @@ def known_options(options: Sequence[Option]) -> str:
     return "the options are " + ", ".join(option.usage for option in options)
 
 
-def parse_options(location: str, query: str, options: Sequence[Option]) -> dict[str, object]:
+def parse_options(location: str, query: str, options: Sequence[Option]) -> dict[str, Any]:
     """The values the ``&``-separated, percent-encoded ``query`` gives the declared ``options``, by
     keyword, every option included (those not given at their default); SourceError
     ``LOCATION: ...`` for an option not declared, given twice, or with a bad value."""
     declared = {option.name: option for option in options}
-    given: dict[str, object] = {}
+    given: dict[str, Any] = {}
     for item in filter(None, query.split("&")):
         name, equals, text = (urllib.parse.unquote(part) for part in item.partition("="))
         option = declared.get(name)

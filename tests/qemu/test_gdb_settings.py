@@ -42,5 +42,5 @@ def test_help_is_the_parsers_and_usage_errors_are_one_line(tmp_path):
     shown = gdb(None, "help windump-save", "windump-save --timeout soon x.dmp")
     assert save_help() in shown.stdout
     assert error_lines(shown) == [
-        "windump-save: argument --timeout: bad option value timeout=soon: expected a number of seconds above 0, "
+        "windump-save: argument --timeout: bad option value timeout='soon': expected a number of seconds above 0, "
         "such as 2.5 (usage: windump-save [-f] [--header-pa ADDR] [--packets] [--timeout S] [-q] [-v] FILE)"]

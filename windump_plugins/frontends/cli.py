@@ -265,13 +265,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _write_stderr(text: str) -> None:
-    """A line on stderr, above the progress bar when one is drawn."""
-    if "tqdm" in sys.modules:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stderr, end="")
-    else:
+    """A line on stderr, above the progress bar when one is drawn (only ``save`` loads the bar's module)."""
+    progress = sys.modules.get(f"{__package__}.progress")
+    if progress is None:
         sys.stderr.write(text)
+    else:
+        progress.write_above(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

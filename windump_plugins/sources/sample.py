@@ -29,8 +29,16 @@ def _size(text: str) -> int:
     return integer(text[:len(text) - len(unit)]) * _SIZE_UNITS[unit]
 
 
-def _pc_ram(text: str) -> np.ndarray:
+def _pc_ram(text: str) -> tuple[tuple[int, int], ...]:
     return pc_ram(_size(text))
+
+
+def _bugcheck_code(text: str) -> int:
+    """A 32-bit bug-check code, as KiBugcheckData holds it."""
+    code = integer(text)
+    if not 0 <= code <= 0xFFFFFFFF:
+        raise ValueError("a bug-check code is 32 bits, 0 to 0xffffffff")
+    return code
 
 
 #: The options of a ``sample:`` location; each value is a keyword argument of CrashedGuest.
@@ -39,7 +47,7 @@ OPTIONS = (
     Option("encoded", "keep the KDBG encoded, as Windows 8 and later do", keyword="encoded_kdbg"),
     Option("ram", "RAM laid out as QEMU's pc machine gives it, e.g. 256M or 5G; by default a small layout of "
            "the model's own", type=_pc_ram, metavar="SIZE"),
-    Option("bugcheck", "the bug-check code in KiBugcheckData, 0 for none recorded", type=integer, metavar="CODE",
+    Option("bugcheck", "the bug-check code in KiBugcheckData, 0 for none recorded", type=_bugcheck_code, metavar="CODE",
            default="0xE2", keyword="bugcheck_code"),
 )
 
