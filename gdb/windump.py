@@ -7,7 +7,8 @@
 gdb embeds its own Python, not the virtualenv's: the package is imported from gdb's Python, from
 the virtualenv named by VIRTUAL_ENV (its site-packages added as pwndbg's gdbinit does, so
 editable installs work), or from the checkout holding this file. The work happens in
-``windump_plugins.frontends.gdb``; this file only loads it and declares the command and settings.
+``windump_plugins.frontends.gdb``; this file only loads it and registers the command and the
+settings declared there, with the help text its parser gives.
 """
 
 import os

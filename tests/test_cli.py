@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import sys
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -179,6 +180,29 @@ def test_json_outputs_follow_their_schemas(run_windump, tmp_path):
     assert [option["name"] for option in kind["options"]] == [option.name for option in gdbstub.OPTIONS]
     assert {"name": "timeout", "usage": "timeout=S", "help": "seconds to wait for each reply of the stub",
             "flag": False, "default": "10", "choices": []} in kind["options"]
+
+
+def test_the_docs_show_the_schemas_the_outputs_are_checked_against():
+    """docs/cli.rst renders each command's ``--json`` schema from the same table the parser uses."""
+    root = Path(__file__).resolve().parent.parent
+    assert ".. windump-commands::" in (root / "docs" / "cli.rst").read_text()
+    sys.path.insert(0, str(root / "docs" / "_ext"))
+    try:
+        import windumpcli
+    finally:
+        sys.path.remove(str(root / "docs" / "_ext"))
+    schemas = {entry.name: entry.json_schema for entry in cli.COMMANDS if entry.json_schema is not None}
+    assert schemas == {"save": reports.SAVE_SCHEMA, "info": reports.INFO_SCHEMA, "verify": reports.VERIFY_SCHEMA,
+                       "plugins": reports.PLUGINS_SCHEMA}
+    for entry in cli.COMMANDS:
+        page = "\n".join(windumpcli._command_lines(entry))
+        if entry.json_schema is None:
+            assert "--json" not in page
+            continue
+        block = page.split(".. code-block:: json\n\n", 1)[1]
+        assert json.loads("\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))) == entry.json_schema
+        for name in entry.json_schema["properties"]:
+            assert f"   * - ``{name}``" in page, (entry.name, name)
 
 
 @pytest.mark.parametrize("argv", [("info", "--json", "missing.dmp"), ("verify", "--json", "missing.dmp"),

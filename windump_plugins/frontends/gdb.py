@@ -26,10 +26,10 @@ from pathlib import Path
 
 from ..errors import SourceError, WindumpError
 from ..live.rsp import QemuQueries, RemoteStub, parse_supported
-from ..sources.gdbstub import OPTIONS as STUB_OPTIONS
+from ..sources.gdbstub import OPTIONS as STUB_OPTIONS, GdbStubSource
 from ..writer import ProgressCallback
 from .arguments import FORCE, QUIET, VERBOSE, option_argument
-from .logs import SaveTimer, log_lines
+from .logs import SaveTimer, log, log_lines
 from .reports import summary_line
 
 #: The features gdb announces in its own ``qSupported``, repeated to learn the stub's PacketSize
@@ -377,7 +377,6 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
     """Run ``windump-save ARGV`` in gdb: write the dump of the guest gdb is attached to, and return
     the summary line (empty with ``--quiet``). Expected failures raise WindumpError; the guest stays stopped."""
     from ..save import save
-    from ..sources.gdbstub import GdbStubSource
 
     options = save_parser().parse_args(list(argv))
     force = settings.force if options.force is None else options.force
@@ -390,9 +389,11 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
 
     with log_lines("windump-save", write_line, verbosity), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        started = time.perf_counter()
         stub = GdbConnection(options.timeout)
         source = GdbStubSource.through(stub, description=f"gdb://{stub.address}", header_pa=options.header_pa,
                                        packets=packets)
+        log.info("%s: opened in %.2f s", source.description, time.perf_counter() - started)
         timer = SaveTimer(progress_line(write) if drawing else None)
         try:
             report = save(source, options.output, force=force, progress=timer, context_cpu=stub.selected_cpu)
