@@ -7,9 +7,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from ..save import SaveReport
-from ..writer import ProgressCallback
+if TYPE_CHECKING:  # the save pipeline is imported only by the commands that save
+    from ..save import SaveReport
+    from ..writer import ProgressCallback
 
 #: Every windump module logs under this logger (``logging.getLogger(__name__)``).
 PACKAGE_LOGGER = "windump_plugins"

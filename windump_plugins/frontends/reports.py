@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..location import Option
-from ..plugins import PluginInfo
-from ..save import SaveReport
 from ..source import Access
+
+if TYPE_CHECKING:  # the save pipeline is imported only by the commands that save
+    from ..plugins import PluginInfo
+    from ..save import SaveReport
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
