@@ -121,6 +121,7 @@ def test_verbose_logs_the_phases_of_a_save(run_windump):
         lines = result.stderr.splitlines()
         assert lines[0] == re.match(r"windump: info: sample:: opened in \d+\.\d\d s$", lines[0]).group(0)
         name = argv[-1]
+        assert lines[-2] == f"windump: info: {name}: read from model"
         assert re.fullmatch(rf"windump: info: {name}: header \d+\.\d\d s, body \d+\.\d\d s \(\d+ MB/s\), "
                             r"sync \d+\.\d\d s", lines[-1]), lines
 

@@ -169,11 +169,12 @@ def test_save_timer_splits_header_body_and_sync(caplog):
     timer(100, 100)
     assert forwarded == [(0, 100), (50, 100), (100, 100)]
     assert timer.phases() == {"header": 0.5, "body": 2.5, "sync": 0.25}
-    report = SaveReport("g.dmp", 250_000_000, 1, 1, 3.25, "x64")
+    report = SaveReport("g.dmp", 250_000_000, 1, 1, 3.25, "x64", access=Access("shm", {}, 0.5))
     ticks = iter([13.25])
     with caplog.at_level(logging.INFO, "windump_plugins"):
         timer.log(report)
-    assert caplog.messages == ["g.dmp: header 0.50 s, body 2.50 s (100 MB/s), sync 0.25 s"]
+    assert caplog.messages == ["g.dmp: read from shm, guest paused 0.50 s",
+                               "g.dmp: header 0.50 s, body 2.50 s (100 MB/s), sync 0.25 s"]
 
 
 def test_option_argument_keeps_choices_and_flag_defaults():

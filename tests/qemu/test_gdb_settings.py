@@ -30,6 +30,8 @@ def test_settings_stand_in_for_the_flags_and_verbose_logs(halted, tmp_path):
     assert "read RAM with the stub's m packets even when QEMU's process memory can be read is on." in result.stdout
     summary = next(line for line in result.stdout.splitlines() if line.startswith("windump-save: wrote"))
     assert re.search(r", from packets \(passed over procmem: .+\); header context: vCPU 0$", summary), summary
+    access = summary.split(", from ", 1)[1].removesuffix("; header context: vCPU 0")
+    assert f"windump-save: info: {ours}: read from {access}\n" in result.stdout  # -v says it too
     assert re.search(rf"^windump-save: info: {re.escape(str(ours))}: header \d+\.\d\d s, body \d+\.\d\d s "
                      r"\(\d+ MB/s\), sync \d+\.\d\d s$", result.stdout, re.M), result.stdout
     check_left_clean(result)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from .reports import access_text
+
 if TYPE_CHECKING:  # the save pipeline is imported only by the commands that save
     from ..save import SaveReport
     from ..writer import ProgressCallback
@@ -58,7 +60,8 @@ def log_lines(prefix: str, write: Callable[[str], None], verbosity: int) -> Iter
 
 class SaveTimer:
     """A progress callback that notes when a save's body starts and ends, passing each report on to
-    ``progress``; :meth:`log` then says how long the header, the body and the sync took.
+    ``progress``; :meth:`log` then says how the source read the guest and how long the header, the
+    body and the sync took.
 
     The writer reports once before the first byte and once after the last, so the header phase is
     everything before the first report (the published header, KDBG, processors) and the sync
@@ -88,6 +91,9 @@ class SaveTimer:
         return {"header": body_started - self.started, "body": body_ended - body_started, "sync": now - body_ended}
 
     def log(self, report: SaveReport) -> None:
+        """Log how the source read the guest (its Access) and how long each phase took."""
+        if report.access is not None:
+            log.info("%s: read %s", report.output, access_text(report.access))
         phases = self.phases()
         rate = report.bytes_written / phases["body"] / 1e6 if phases["body"] > 0 else float("inf")
         log.info("%s: header %.2f s, body %.2f s (%.0f MB/s), sync %.2f s", report.output, phases["header"],
