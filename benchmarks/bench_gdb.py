@@ -3,7 +3,7 @@ over the same QEMU gdbstub, in one gdb session.
 
 Boots the test guest of ``drivers/`` (``--size`` RAM, 1 GiB by default), halts it, then in one
 ``gdb -batch`` attached to its gdbstub times, each followed by ``sync``: ``windump-save`` through
-QEMU's process memory, ``windump-save --packets-only`` (``m`` requests pipelined on gdb's socket),
+QEMU's process memory, ``windump-save --packets`` (``m`` requests pipelined on gdb's socket),
 and ``dump binary memory`` of each run of the dump's header, the same RAM (physical, PhyMemMode 1). Prints
 a table and the speed-ups; ``--json`` writes the figures.
 
@@ -44,7 +44,7 @@ def timed(command):
 
 figures = {
     "windump-save (process memory)": timed("windump-save --force DIRECTORY/procmem.dmp"),
-    "windump-save --packets-only": timed("windump-save --force --packets-only DIRECTORY/packets.dmp"),
+    "windump-save --packets": timed("windump-save --force --packets DIRECTORY/packets.dmp"),
 }
 with DumpFile("DIRECTORY/procmem.dmp") as dump:  # the same RAM windump wrote: the header's runs
     ram = [(base << 12, (base + count) << 12) for base, count in dump.runs.tolist()]

@@ -7,7 +7,8 @@
 gdb embeds its own Python, not the virtualenv's: the package is imported from gdb's Python, from
 the virtualenv named by VIRTUAL_ENV (its site-packages added as pwndbg's gdbinit does, so
 editable installs work), or from the checkout holding this file. The work happens in
-``windump_plugins.frontends.gdb``; this file only loads it and declares the command and settings.
+``windump_plugins.frontends.gdb``; this file only loads it and registers the command and the
+settings declared there, with the help text its parser gives.
 """
 
 import os
@@ -62,59 +63,51 @@ def _windump_import():
 
 
 class _WindumpPrefix(gdb.Command):
-    """Settings of windump-save: force, packets-only, progress."""
+    """Settings of windump-save (see help windump-save)."""
 
     def __init__(self, name):
         super().__init__(name, gdb.COMMAND_FILES, gdb.COMPLETE_NONE, True)
 
 
+class _WindumpShow(_WindumpPrefix):
+    """Show the settings of windump-save."""
+
+    def __init__(self, settings):
+        super().__init__("show windump")
+        self._settings = settings
+
+    def invoke(self, argument, from_tty):
+        for setting in self._settings:
+            gdb.execute(f"show windump {setting.name}")
+
+
 class _WindumpSetting(gdb.Parameter):
     """A windump-save default; the command's options override it."""
 
-    def __init__(self, name, default, set_doc, show_doc):
-        self.set_doc, self.show_doc = set_doc, show_doc
-        super().__init__(f"windump {name}", gdb.COMMAND_FILES, gdb.PARAM_BOOLEAN)
-        self.value = default
+    def __init__(self, setting):
+        self.set_doc = f"Set whether windump-save should {setting.doc}."
+        self.show_doc = f"Show whether windump-save should {setting.doc}."
+        self.__doc__ = f"When on, windump-save will {setting.doc}."
+        self._show = f"Whether windump-save should {setting.doc}"
+        super().__init__(f"windump {setting.name}", gdb.COMMAND_FILES, gdb.PARAM_BOOLEAN)
+        self.value = setting.default
 
     def get_show_string(self, value):
-        return f"{self.show_doc} is {value}."
+        return f"{self._show} is {value}."
 
 
 class WindumpSave(gdb.Command):
-    """Write a Windows crash dump of the QEMU guest gdb is attached to.
-Usage: windump-save [-f|--force] [--packets-only] [--header-pa ADDR] [-q|--quiet] FILE
-
-Writes a full Windows crash dump (PAGEDU64) of the guest behind QEMU's gdbstub to FILE, using
-the dump header the guest's driver published (found in RAM, or at --header-pa ADDR). FILE
-appears only once complete. The guest stays stopped: windump never resumes it. The vCPU
-selected in gdb (thread N = vCPU N-1) gives the header's context.
-
-RAM is read from QEMU's process memory when QEMU runs on this host and we may read it, else
-through the stub in physical-memory mode (restored afterwards, on errors and Ctrl-C too).
-
-  -f, --force        replace FILE if it exists (default: set windump force)
-  --packets-only     read RAM through the stub even on QEMU's host (set windump packets-only)
-  --header-pa ADDR   physical address of the published VMCOREINFO note or its dump header
-  -q, --quiet        no progress line and no summary
-Progress is drawn on a terminal unless "set windump progress off".
-
-Examples:
-  windump-save guest.dmp
-  thread 2
-  windump-save --force --packets-only /tmp/guest.dmp
-  windump-save --header-pa 0x7fe000 guest.dmp"""
+    """Write a Windows crash dump of the QEMU guest gdb is attached to."""
 
     def __init__(self, gdbscript, error_class):
+        self.__doc__ = gdbscript.save_help()  # the one parser's help, read by gdb when registering
         super().__init__("windump-save", gdb.COMMAND_FILES, gdb.COMPLETE_FILENAME)
         self._gdbscript, self._error_class = gdbscript, error_class
 
     def invoke(self, argument, from_tty):
         self.dont_repeat()
-        settings = self._gdbscript.Settings(
-            force=gdb.parameter("windump force"),
-            packets_only=gdb.parameter("windump packets-only"),
-            progress=gdb.parameter("windump progress"),
-        )
+        settings = self._gdbscript.Settings(**{setting.keyword: gdb.parameter(f"windump {setting.name}")
+                                               for setting in self._gdbscript.SETTINGS})
 
         def write(text):
             gdb.write(text)
@@ -137,13 +130,9 @@ def _windump_register():
         gdb.write(problem + "\n", gdb.STDERR)
         return
     _WindumpPrefix("set windump")
-    _WindumpPrefix("show windump")
-    _WindumpSetting("force", False, "Set whether windump-save replaces an existing file.",
-                    "Whether windump-save replaces an existing file")
-    _WindumpSetting("packets-only", False, "Set whether windump-save reads RAM only through the stub.",
-                    "Whether windump-save reads RAM only through the stub")
-    _WindumpSetting("progress", True, "Set whether windump-save draws a progress line on a terminal.",
-                    "Whether windump-save draws a progress line")
+    _WindumpShow(loaded[0].SETTINGS)
+    for setting in loaded[0].SETTINGS:
+        _WindumpSetting(setting)
     WindumpSave(*loaded)
 
 

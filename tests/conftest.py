@@ -11,7 +11,13 @@ from importlib.metadata import entry_points
 
 import pytest
 from gate import everything_required
+from hypothesis import settings
 from gate import require as require_tools
+
+# Property tests judge results, not speed: on 2 shared cores an example can take longer than
+# hypothesis's 200 ms deadline. Under CI they are derandomized too, so a red run can be repeated.
+settings.register_profile("windump", deadline=None, derandomize=bool(os.environ.get("CI")))
+settings.load_profile("windump")
 
 #: The plugins windump itself ships: tests run with these alone, whatever else is installed.
 BUILT_IN_PLUGINS = ",".join(

@@ -4,19 +4,24 @@ answered with one ``windump: error:`` line, exit status 1 and no file left behin
 from __future__ import annotations
 
 import io
+import json
+import logging
 import re
 import struct
+import sys
 import warnings
 from importlib.metadata import version
 from pathlib import Path
 
+import jsonschema
 import pytest
 
-from windump_plugins.frontends import cli
+from windump_plugins.frontends import cli, reports
 from windump_plugins.errors import SourceError
 from windump_plugins.hookspecs import SourceKind, hookimpl
 from windump_plugins.plugins import Plugins
 from windump_plugins.frontends.progress import progress_bar
+from windump_plugins.sources import gdbstub, qmp, sample
 
 ERROR_LINE = re.compile(r"^windump: error: \S.*\n\Z")
 
@@ -35,7 +40,8 @@ def test_sample_to_verified_dump(run_windump, tmp_path):
     assert saved.returncode == 0, saved.stderr
     assert saved.stderr == ""  # not a terminal: no progress bar
     size = (tmp_path / "sample.dmp").stat().st_size
-    assert re.fullmatch(r"wrote sample\.dmp: \S+ \S+, \d+ runs, \d+ pages, \d+\.\d s, \d+ MB/s\n", saved.stdout)
+    assert re.fullmatch(r"wrote sample\.dmp: \S+ \S+, \d+ runs, \d+ pages, \d+\.\d s, \d+ MB/s, from model\n",
+                        saved.stdout)
     pages = int(re.search(r"(\d+) pages", saved.stdout).group(1))
     assert size == 0x2000 + pages * 0x1000
     verified = run_windump("verify", "sample.dmp")
@@ -99,8 +105,128 @@ def test_plugins_lists_builtin_sources_with_versions(run_windump):
 def test_save_help_lists_source_kinds_from_plugins(run_windump):
     result = run_windump("save", "--help")
     assert result.returncode == 0
-    sources = result.stdout.split("sources:\n", 1)[1].split("\n\n", 1)[0]
+    sources = re.split(r"^sources \(.*\):\n", result.stdout, maxsplit=1, flags=re.M)[1].split("\n\n", 1)[0]
     assert re.search(r"^  sample:", sources, re.M)
+    # Each option as its source declares it, with its default.
+    for option in sample.OPTIONS + gdbstub.OPTIONS + qmp.OPTIONS:
+        assert f"      ?{option.usage}  " in sources, option.name
+    assert re.search(r"\?cpus=N  vCPUs of the model, 1 to 8 \(default 2\)$", sources, re.M)
+    assert re.search(r"\?timeout=S  seconds to wait for each QMP reply \(default 10\)$", sources, re.M)
+
+
+def test_old_sample_syntax_still_works_with_a_warning(run_windump, tmp_path):
+    old = run_windump("save", "-q", "sample:cpus=3,bugcheck=0x1E", "old.dmp")
+    assert old.returncode == 0
+    assert old.stderr == ("windump: warning: sample:cpus=3,bugcheck=0x1E: options after sample: are a query "
+                          "string now: write sample:?cpus=3&bugcheck=0x1E\n")
+    new = run_windump("save", "-q", "sample:?cpus=3&bugcheck=0x1E", "new.dmp")
+    assert (new.returncode, new.stderr) == (0, "")
+    old_info = run_windump("info", "--json", "old.dmp")
+    new_info = run_windump("info", "--json", "new.dmp")
+    facts = [{key: value for key, value in json.loads(result.stdout).items() if key not in ("file", "SystemTime", "Comment")}
+             for result in (old_info, new_info)]
+    assert facts[0] == facts[1] and (facts[0]["NumberProcessors"], facts[0]["BugCheckCode"]) == (3, "0x1e")
+
+
+def test_verbose_logs_the_phases_of_a_save(run_windump):
+    quiet = run_windump("save", "-q", "sample:", "a.dmp")
+    assert quiet.stderr == ""
+    for argv in (("-v", "save", "-q", "sample:", "b.dmp"), ("save", "-v", "-q", "sample:", "c.dmp")):
+        result = run_windump(*argv)
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        assert lines[0] == re.match(r"windump: info: sample:: opened in \d+\.\d\d s$", lines[0]).group(0)
+        name = argv[-1]
+        assert lines[-2] == f"windump: info: {name}: read from model"
+        assert re.fullmatch(rf"windump: info: {name}: header \d+\.\d\d s, body \d+\.\d\d s \(\d+ MB/s\), "
+                            r"sync \d+\.\d\d s", lines[-1]), lines
+
+
+def test_verbose_twice_shows_debug_records(inline_cli, capsys, tmp_path):
+    """-vv lets windump's debug records through, -v only info and above, each as one line."""
+    logger = logging.getLogger("windump_plugins.sources.test")
+    Interrupting.log = lambda self: (logger.debug("a debug record"), logger.info("an info record"))
+    try:
+        for flags, expected in ((["-v"], ["info"]), (["-vv"], ["debug", "info"]), ([], [])):
+            assert inline_cli([*flags, "save", "log:", str(tmp_path / "out.dmp")]) == 1
+            err = capsys.readouterr().err.splitlines()
+            shown = [line.split(": ")[1] for line in err if "record" in line]
+            assert shown == expected, err
+            assert err[-1] == "windump: error: log: logged and stopped"
+    finally:
+        del Interrupting.log
+
+
+def check_json(result, schema: dict) -> dict:
+    """One JSON object on stdout, valid against ``schema`` (the one docs/cli.rst shows)."""
+    value = json.loads(result.stdout)  # refuses anything after the one value
+    assert isinstance(value, dict), result.stdout
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(value, schema, cls=jsonschema.Draft202012Validator)
+    return value
+
+
+def test_json_outputs_follow_their_schemas(run_windump, tmp_path):
+    saved = check_json(run_windump("save", "--json", "sample:?cpus=3", "s.dmp"), reports.SAVE_SCHEMA)
+    size = (tmp_path / "s.dmp").stat().st_size
+    assert (saved["output"], saved["bytes_written"], saved["contexts"]) == ("s.dmp", size, 3)
+    assert saved["access"] == {"path": "model", "passed_over": {}, "paused_seconds": None}
+    assert size == 0x2000 + saved["pages"] * 0x1000
+
+    info = check_json(run_windump("info", "--json", "s.dmp"), reports.INFO_SCHEMA)
+    assert (info["file"], info["format"], info["ValidDump"], info["file_size"]) == ("s.dmp", "x64", "DU64", size)
+    assert (info["NumberProcessors"], info["DumpType"], info["dump_kind"]) == (3, 1, "full")
+    assert len(info["runs"]) == saved["runs"] and sum(run["PageCount"] for run in info["runs"]) == info["pages"]
+    text = run_windump("info", "s.dmp").stdout
+    assert f"KdDebuggerDataBlock  {info['KdDebuggerDataBlock']}\n" in text
+    assert f"system time          {info['SystemTime']}\n" in text
+
+    verified = check_json(run_windump("verify", "--json", "s.dmp"), reports.VERIFY_SCHEMA)
+    assert verified == {"file": "s.dmp", "ok": True, "problems": []}
+    (tmp_path / "s.dmp").write_bytes((tmp_path / "s.dmp").read_bytes()[:-0x1000])
+    result = run_windump("verify", "--json", "s.dmp")
+    assert result.returncode == 1 and result.stderr == ""
+    damaged = check_json(result, reports.VERIFY_SCHEMA)
+    assert not damaged["ok"] and f"file size is {size - 0x1000} bytes, header and runs make {size}" in damaged["problems"]
+
+    listed = check_json(run_windump("plugins", "--json"), reports.PLUGINS_SCHEMA)
+    by_name = {plugin["name"]: plugin for plugin in listed["plugins"]}
+    assert sorted(by_name) == ["elf", "gdb", "qmp", "sample"]
+    assert by_name["sample"]["version"] == version("windump")
+    [kind] = by_name["gdb"]["sources"]
+    assert [option["name"] for option in kind["options"]] == [option.name for option in gdbstub.OPTIONS]
+    assert {"name": "timeout", "usage": "timeout=S", "help": "seconds to wait for each reply of the stub",
+            "flag": False, "default": "10", "choices": []} in kind["options"]
+
+
+def test_the_docs_show_the_schemas_the_outputs_are_checked_against():
+    """docs/cli.rst renders each command's ``--json`` schema from the same table the parser uses."""
+    root = Path(__file__).resolve().parent.parent
+    assert ".. windump-commands::" in (root / "docs" / "cli.rst").read_text()
+    sys.path.insert(0, str(root / "docs" / "_ext"))
+    try:
+        import windumpcli
+    finally:
+        sys.path.remove(str(root / "docs" / "_ext"))
+    schemas = {entry.name: entry.json_schema for entry in cli.COMMANDS if entry.json_schema is not None}
+    assert schemas == {"save": reports.SAVE_SCHEMA, "info": reports.INFO_SCHEMA, "verify": reports.VERIFY_SCHEMA,
+                       "plugins": reports.PLUGINS_SCHEMA}
+    for entry in cli.COMMANDS:
+        page = "\n".join(windumpcli._command_lines(entry))
+        if entry.json_schema is None:
+            assert "--json" not in page
+            continue
+        block = page.split(".. code-block:: json\n\n", 1)[1]
+        assert json.loads("\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))) == entry.json_schema
+        for name in entry.json_schema["properties"]:
+            assert f"   * - ``{name}``" in page, (entry.name, name)
+
+
+@pytest.mark.parametrize("argv", [("info", "--json", "missing.dmp"), ("verify", "--json", "missing.dmp"),
+                                  ("save", "--json", "sample:?cpus=9", "out.dmp")])
+def test_json_errors_are_one_line_on_stderr(run_windump, tmp_path, argv):
+    result = run_windump(*argv)
+    assert_clean_failure(result, tmp_path, set())
 
 
 @pytest.mark.parametrize("case", ["empty", "not-elf", "directory", "missing"])
@@ -170,6 +296,9 @@ def test_broken_plugin_warns_and_the_rest_work(run_windump, tmp_path):
 class Interrupting:
     @hookimpl
     def windump_open_location(self, location):
+        if location == "log:":
+            self.log()
+            raise SourceError("log: logged and stopped")
         if location == "ctrl-c:":
             raise KeyboardInterrupt
         if location == "bug:":

@@ -93,6 +93,35 @@ def test_verify_lists_the_damage_and_info_still_describes(name, inline_windump, 
     assert re.search(r"^format +x64 \(PAGEDU64\)", out, re.M)
 
 
+#: Locations whose options try to break the one-line rule or the value checks, and what is refused.
+HOSTILE_OPTIONS = {
+    "sample:?cpus=1%0a2": "bad option value cpus='1\\n2': expected a whole number",
+    "sample:?cpus=%ff": "bad option value cpus='\ufffd': expected a whole number",
+    "sample:?%00": "unknown option '\\x00'; the options are cpus=N, encoded, ram=SIZE, bugcheck=CODE",
+    "sample:?=": "unknown option ''",
+    "sample:?cpus=99999999999999999999": "the model has 1 to 8 vCPUs, not 99999999999999999999",
+    "sample:?bugcheck=0x1ffffffff": "bad option value bugcheck='0x1ffffffff': a bug-check code is 32 bits",
+    "sample:?ram=-5M": "bad option value ram='-5M'",
+    "sample:?encoded&encoded": "option 'encoded' is given twice",
+    "sample:?" + "&" * 100000 + "cpus=x": "bad option value cpus='x'",
+    "gdb://127.0.0.1:1?timeout=1e999": "bad option value timeout='1e999': expected a number of seconds above 0",
+    "gdb://127.0.0.1:1?timeout=-1": "bad option value timeout='-1'",
+    "gdb://127.0.0.1:1?header-pa=0x-1": "bad option value header-pa='0x-1': expected a physical address",
+    "gdb://127.0.0.1:1?keep-stopped=%0a": "option 'keep-stopped' takes no value: write ?keep-stopped",
+    "qmp:x.sock?memory=": "memory='' is none of shm, procmem, stream",
+    "qmp:x.sock?memory=shm%0a": "memory='shm\\n' is none of shm, procmem, stream",
+}
+
+
+@pytest.mark.parametrize("location", list(HOSTILE_OPTIONS), ids=lambda location: location[:48])
+def test_hostile_location_options_are_one_line(location, inline_windump, tmp_path):
+    status, out, err = inline_windump("save", location, "out.dmp")
+    assert (status, out) == (1, "")
+    assert err.count("\n") == 1 and err.startswith(f"windump: error: {location}: "), err[:200]
+    assert HOSTILE_OPTIONS[location] in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("case", BAD_REPLIES, ids=[case.name for case in BAD_REPLIES])
 def test_hostile_gdbstub_reply_is_one_source_error(case):
     stub = ScriptedStub(case.supported, case.reply)

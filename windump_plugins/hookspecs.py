@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pluggy
 
+from .location import Option
 from .source import MemorySource
 
 PROJECT = "windump"
@@ -29,11 +30,13 @@ class SourceKind:
     """How a plugin's source is named on the command line, for help text and ``windump plugins``.
 
     ``pattern`` is what the user types (``"gdb://HOST:PORT"``, ``"FILE.elf"``); ``summary`` says
-    in one line what it opens.
+    in one line what it opens; ``options`` are the ``?NAME[=VALUE]`` options its location takes,
+    which help, docs and gdb's ``windump-save`` are generated from.
     """
 
     pattern: str
     summary: str
+    options: tuple[Option, ...] = ()
 
 
 @hookspec(firstresult=True)

@@ -291,10 +291,10 @@ def verify_dump(path: str | os.PathLike) -> list[str]:
     return problems
 
 
-def filetime(value: int) -> str:
-    """A FILETIME (100 ns units since 1601) as an ISO 8601 UTC date, or ``not set`` for 0."""
+def filetime(value: int) -> str | None:
+    """A FILETIME (100 ns units since 1601) as an ISO 8601 UTC date, or None for 0 (not set)."""
     if not value:
-        return "not set"
+        return None
     if value // 10 > LAST_FILETIME_MICROSECONDS:
         return f"{value:#x} (after the year 9999: not a time)"
     moment = FILETIME_EPOCH + datetime.timedelta(microseconds=value // 10)
@@ -309,39 +309,75 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-def describe_dump(path: str | os.PathLike) -> str:
-    """A readable summary of the dump header at ``path``, for ``windump info``."""
+#: DumpType values by what they hold.
+DUMP_KINDS = {1: "full", 2: "kernel", 5: "bitmap full", 6: "bitmap kernel"}
+
+
+def dump_info(path: str | os.PathLike) -> dict:
+    """What the header of the dump at ``path`` says, as ``windump info --json`` prints it: header
+    fields under their Windows names (addresses and codes as ``0x`` strings), file facts in lower case."""
     try:
         fmt, header, file_size = _read_header(path)
     except FormatError as exc:
         raise FormatError(f"{os.fspath(path)}: {exc}") from None
     dump_type = int(header["DumpType"])
-    kinds = {1: "full", 2: "kernel", 5: "bitmap full", 6: "bitmap kernel"}
-    bug_check = ", ".join(f"{int(header[f'BugCheckParameter{i}']):#x}" for i in range(1, 5))
-    comment = bytes(header["Comment"]).split(b"\0", 1)[0].decode("ascii", "replace")
-    lines = [
-        f"format               {fmt.name} (PAGE{fmt.valid_dump.decode()}), "
-        f"MachineImageType {int(header['MachineImageType']):#x}",
-        f"version              {int(header['MajorVersion']):#x}.{int(header['MinorVersion'])}",
-        f"DumpType             {dump_type} ({kinds.get(dump_type, 'unknown')})",
-        f"DirectoryTableBase   {int(header['DirectoryTableBase']):#x}",
-        f"KdDebuggerDataBlock  {int(header['KdDebuggerDataBlock']):#x}",
-        f"PsLoadedModuleList   {int(header['PsLoadedModuleList']):#x}",
-        f"bug check            {int(header['BugCheckCode']):#x} ({bug_check})",
-        f"processors           {int(header['NumberProcessors'])}",
-        f"system time          {filetime(int(header['SystemTime']))}",
-        f"comment              {comment or '(none)'}",
-        f"file size            {file_size} bytes ({_size(file_size)})",
-        f"RequiredDumpSpace    {int(header['RequiredDumpSpace'])} bytes",
-    ]
+    info: dict = {
+        "file": os.fspath(path),
+        "format": fmt.name,
+        "ValidDump": fmt.valid_dump.decode(),
+        "MachineImageType": f"{int(header['MachineImageType']):#x}",
+        "MajorVersion": int(header["MajorVersion"]),
+        "MinorVersion": int(header["MinorVersion"]),
+        "DumpType": dump_type,
+        "dump_kind": DUMP_KINDS.get(dump_type, "unknown"),
+        "DirectoryTableBase": f"{int(header['DirectoryTableBase']):#x}",
+        "KdDebuggerDataBlock": f"{int(header['KdDebuggerDataBlock']):#x}",
+        "PsLoadedModuleList": f"{int(header['PsLoadedModuleList']):#x}",
+        "BugCheckCode": f"{int(header['BugCheckCode']):#x}",
+        "BugCheckParameters": [f"{int(header[f'BugCheckParameter{i}']):#x}" for i in range(1, 5)],
+        "NumberProcessors": int(header["NumberProcessors"]),
+        "SystemTime": filetime(int(header["SystemTime"])),
+        "Comment": bytes(header["Comment"]).split(b"\0", 1)[0].decode("ascii", "replace"),
+        "file_size": file_size,
+        "RequiredDumpSpace": int(header["RequiredDumpSpace"]),
+        "runs": None,
+        "pages": None,
+        "runs_problem": None,
+    }
     try:
         runs = header_runs(header)
     except FormatError as exc:
-        return "\n".join(lines + [f"runs                 {exc}"])
-    pages = int(runs[:, 1].sum()) if len(runs) else 0
-    lines.append(f"runs                 {len(runs)}, {pages} pages ({_size(body_size(runs))})")
+        info["runs_problem"] = str(exc)
+        return info
+    info["runs"] = [{"BasePage": base, "PageCount": count} for base, count in runs.tolist()]
+    info["pages"] = int(runs[:, 1].sum()) if len(runs) else 0
+    return info
+
+
+def describe_dump(path: str | os.PathLike) -> str:
+    """A readable summary of the dump header at ``path``, for ``windump info``."""
+    info = dump_info(path)
+    lines = [
+        f"format               {info['format']} (PAGE{info['ValidDump']}), MachineImageType {info['MachineImageType']}",
+        f"version              {info['MajorVersion']:#x}.{info['MinorVersion']}",
+        f"DumpType             {info['DumpType']} ({info['dump_kind']})",
+        f"DirectoryTableBase   {info['DirectoryTableBase']}",
+        f"KdDebuggerDataBlock  {info['KdDebuggerDataBlock']}",
+        f"PsLoadedModuleList   {info['PsLoadedModuleList']}",
+        f"bug check            {info['BugCheckCode']} ({', '.join(info['BugCheckParameters'])})",
+        f"processors           {info['NumberProcessors']}",
+        f"system time          {info['SystemTime'] or 'not set'}",
+        f"comment              {info['Comment'] or '(none)'}",
+        f"file size            {info['file_size']} bytes ({_size(info['file_size'])})",
+        f"RequiredDumpSpace    {info['RequiredDumpSpace']} bytes",
+    ]
+    if info["runs"] is None:
+        return "\n".join(lines + [f"runs                 {info['runs_problem']}"])
+    pages = info["pages"]
+    lines.append(f"runs                 {len(info['runs'])}, {pages} pages ({_size(pages << PAGE_SHIFT)})")
     lines.append(f"  {'#':>3}  {'BasePage':>12}  {'PageCount':>12}  {'physical bytes':<32}  {'size':>10}")
-    for i, (base, count) in enumerate(runs.tolist()):
+    for i, run in enumerate(info["runs"]):
+        base, count = run["BasePage"], run["PageCount"]
         span = f"{base << PAGE_SHIFT:#x}-{((base + count) << PAGE_SHIFT) - 1:#x}"
         lines.append(f"  {i:>3}  {base:>#12x}  {count:>#12x}  {span:<32}  {_size(count << PAGE_SHIFT):>10}")
     return "\n".join(lines)

@@ -93,7 +93,7 @@ def qemu_win_dmp(halted, tmp_path_factory):
     return halted.win_dmp[0]
 
 
-@pytest.mark.parametrize("options, path", [("", "QEMU's process memory"), ("--packets-only", "packets")])
+@pytest.mark.parametrize("options, path", [("", "procmem"), ("--packets", "packets")])
 def test_windump_save_equals_win_dmp(halted, qemu_win_dmp, tmp_path, options, path):
     """Through QEMU's process memory and through packets on gdb's own socket, windump-save writes
     QEMU's win-dmp outside the difference table; the readers agree; gdb's connection is left usable."""
@@ -147,7 +147,7 @@ def test_ctrl_c_leaves_no_file_and_restores_phymemmode(halted, tmp_path):
                  "g.GdbConnection.readinto = readinto")
     script = tmp_path / "interrupt.py"
     script.write_text(interrupt.removeprefix("python ") + "\n")
-    result = gdb(halted.qemu.gdb_port, f"source {script}", f"windump-save --packets-only {tmp_path}/x.dmp",
+    result = gdb(halted.qemu.gdb_port, f"source {script}", f"windump-save --packets {tmp_path}/x.dmp",
                  *AFTERWARDS, cwd=tmp_path)
     assert error_lines(result) == ["windump-save: interrupted: no dump written, PhyMemMode restored"], result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["interrupt.py"]
@@ -177,7 +177,7 @@ def test_connection_dropped_mid_dump(tmp_path):
                     "    return r(self, *a)\n"
                     "g.GdbConnection.readinto = readinto\n")
     try:
-        result = gdb(qemu.port, f"source {hook}", f"windump-save --packets-only {tmp_path}/x.dmp")
+        result = gdb(qemu.port, f"source {hook}", f"windump-save --packets {tmp_path}/x.dmp")
     finally:
         qemu.close()
     lines = error_lines(result)

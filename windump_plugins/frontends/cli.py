@@ -4,18 +4,23 @@ errors into a single ``windump: error: ...`` line."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .. import __version__
 from ..errors import WindumpError
+from ..hookspecs import SourceKind
 from ..plugins import Plugins, load_plugins
+from . import reports
+from .arguments import FORCE, QUIET, VERBOSE, Argument, arg
+from .logs import log, log_lines
 
 PROG = "windump"
 
@@ -24,18 +29,6 @@ EXIT_INTERRUPTED = 130
 
 #: Columns the subcommands' descriptions are wrapped to (their epilogs keep their own lines).
 HELP_WIDTH = 79
-
-
-@dataclass(frozen=True)
-class Argument:
-    """One argparse argument: its flags or name, and the keywords of ``add_argument``."""
-
-    flags: tuple[str, ...]
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def arg(*flags: str, **options: Any) -> Argument:
-    return Argument(flags, options)
 
 
 @dataclass(frozen=True)
@@ -50,27 +43,36 @@ class Command:
     examples: tuple[str, ...] = ()
     #: Whether ``--help`` lists the source kinds the loaded plugins open.
     lists_sources: bool = False
+    #: The JSON Schema of what ``--json`` prints; None: the command has no ``--json``.
+    json_schema: dict | None = None
 
 
 COMMANDS: list[Command] = []
 
+#: The arguments before COMMAND.
+GLOBAL_ARGUMENTS = (
+    arg("--debug", action="store_true", help="show a traceback on errors"),
+    Argument(VERBOSE.flags, {**VERBOSE.options, "default": 0}),
+    arg("--version", action="version", version=f"{PROG} {__version__}", help="print the version and exit"),
+)
+
+JSON = arg("--json", action="store_true", help="print one JSON object on stdout instead (schema in the docs)")
+
 
 def command(name: str, summary: str, description: str, *, arguments: Sequence[Argument] = (),
-            examples: Sequence[str] = (), lists_sources: bool = False) -> Callable:
-    """Declare the decorated function as the subcommand ``name``."""
+            examples: Sequence[str] = (), lists_sources: bool = False, json_schema: dict | None = None) -> Callable:
+    """Declare the decorated function as the subcommand ``name``; one with a ``json_schema`` takes ``--json``."""
 
     def register(run: Callable[[argparse.Namespace, Plugins], int]) -> Callable[[argparse.Namespace, Plugins], int]:
-        COMMANDS.append(Command(name, summary, description, run, tuple(arguments), tuple(examples), lists_sources))
+        every = (*arguments, JSON) if json_schema is not None else tuple(arguments)
+        COMMANDS.append(Command(name, summary, description, run, every, tuple(examples), lists_sources, json_schema))
         return run
 
     return register
 
 
-def _size(count: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if count >= 1 << shift:
-            return f"{count / (1 << shift):.2f} {unit}"
-    return f"{count} bytes"
+def _print_json(value: dict) -> None:
+    print(json.dumps(value, indent=2))
 
 
 @command(
@@ -82,8 +84,9 @@ def _size(count: int) -> str:
     arguments=(
         arg("source", metavar="SOURCE", help="where the guest memory is: a file, or SCHEME:... (see below)"),
         arg("output", metavar="OUTPUT", help="the .dmp file to write"),
-        arg("-f", "--force", action="store_true", help="replace OUTPUT if it exists"),
-        arg("-q", "--quiet", action="store_true", help="no progress bar and no summary line"),
+        FORCE,
+        QUIET,
+        VERBOSE,
         arg("--context-cpu", metavar="N", type=int,
             help="vCPU whose registers the header's context and exception record show (default 0)"),
     ),
@@ -91,27 +94,32 @@ def _size(count: int) -> str:
         "windump save guest.elf guest.dmp     # from QEMU's dump-guest-memory",
         "windump save --context-cpu 1 guest.elf guest.dmp",
         "windump save sample: sample.dmp      # the built-in sample guest",
+        "windump save 'sample:?cpus=4&ram=5G' big.dmp",
         "windump save qmp:/run/vm/qmp.sock guest.dmp   # a live QEMU; -qmp unix:...,server=on,wait=off",
-        "windump save gdb://127.0.0.1:1234 guest.dmp   # a live QEMU started with -s",
+        "windump -v save 'gdb://127.0.0.1:1234?keep-stopped' guest.dmp   # a live QEMU started with -s",
     ),
     lists_sources=True,
+    json_schema=reports.SAVE_SCHEMA,
 )
 def _save(args: argparse.Namespace, plugins: Plugins) -> int:
+    from .logs import SaveTimer
     from .progress import progress_bar
     from ..save import save
 
+    started = time.perf_counter()
     source = plugins.open_source(args.source)
+    log.info("%s: opened in %.2f s", source.description or args.source, time.perf_counter() - started)
     try:
         with progress_bar(os.path.basename(args.output), enabled=not args.quiet) as progress:
-            report = save(source, args.output, force=args.force, progress=progress, context_cpu=args.context_cpu)
+            timer = SaveTimer(progress)
+            report = save(source, args.output, force=args.force, progress=timer, context_cpu=args.context_cpu)
     finally:
         source.close()
-    if not args.quiet:
-        rate = report.bytes_per_second / 1e6
-        paused = getattr(source, "paused_seconds", None)
-        pause = "" if paused is None else f", guest paused {paused:.2f} s"
-        print(f"wrote {report.output}: {_size(report.bytes_written)}, {report.runs} runs, "
-              f"{report.pages} pages, {report.seconds:.1f} s, {rate:.0f} MB/s{pause}")
+    timer.log(report)
+    if args.json:
+        _print_json(reports.save_object(report))
+    elif not args.quiet:
+        print(reports.summary_line(report))
     return 0
 
 
@@ -121,12 +129,16 @@ def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     "Print what the header of the crash dump DUMP says: format, dump type, kernel addresses, "
     "bug check, processors and physical-memory runs.",
     arguments=(arg("dump", metavar="DUMP", help="a .dmp file"),),
-    examples=("windump info guest.dmp",),
+    examples=("windump info guest.dmp", "windump info --json guest.dmp | jq -r .KdDebuggerDataBlock"),
+    json_schema=reports.INFO_SCHEMA,
 )
 def _info(args: argparse.Namespace, plugins: Plugins) -> int:
-    from ..verify import describe_dump
+    from ..verify import describe_dump, dump_info
 
-    print(describe_dump(args.dump))
+    if args.json:
+        _print_json(dump_info(args.dump))
+    else:
+        print(describe_dump(args.dump))
     return 0
 
 
@@ -137,35 +149,43 @@ def _info(args: argparse.Namespace, plugins: Plugins) -> int:
     "processor contexts. Prints 'DUMP: ok', or one line per problem and exits with status 1.",
     arguments=(arg("dump", metavar="DUMP", help="a .dmp file"),),
     examples=("windump verify guest.dmp",),
+    json_schema=reports.VERIFY_SCHEMA,
 )
 def _verify(args: argparse.Namespace, plugins: Plugins) -> int:
     from ..verify import verify_dump
 
     problems = verify_dump(args.dump)
-    for problem in problems:
-        print(f"{args.dump}: {problem}")
-    if problems:
-        return 1
-    print(f"{args.dump}: ok")
-    return 0
+    if args.json:
+        _print_json(reports.verify_object(args.dump, problems))
+    else:
+        for problem in problems:
+            print(f"{args.dump}: {problem}")
+        if not problems:
+            print(f"{args.dump}: ok")
+    return 1 if problems else 0
 
 
 @command(
     "plugins",
     "list the loaded plugins and the sources they open",
-    "List each loaded plugin with its distribution, version and module, and the sources it opens. "
-    "WINDUMP_PLUGINS=a,b loads only those plugins; WINDUMP_DISABLE_PLUGINS=a,b skips them.",
+    "List each loaded plugin with its distribution, version and module, and the sources it opens "
+    "with their options. WINDUMP_PLUGINS=a,b loads only those plugins; WINDUMP_DISABLE_PLUGINS=a,b "
+    "skips them.",
     examples=("windump plugins", "WINDUMP_DISABLE_PLUGINS=sample windump plugins"),
+    json_schema=reports.PLUGINS_SCHEMA,
 )
 def _plugins(args: argparse.Namespace, plugins: Plugins) -> int:
     described = plugins.describe()
+    if args.json:
+        _print_json(reports.plugins_object(described))
+        return 0
     if not described:
         print("no plugins loaded")
     for info in described:
         origin = f"{info.dist} {info.version}" if info.dist else "(not installed)"
         print(f"{info.name}  {origin}  {info.module}")
         for kind in info.kinds:
-            print(f"    {kind.pattern:<24} {kind.summary}")
+            print("\n".join(source_lines(kind, indent=4)))
     return 0
 
 
@@ -182,13 +202,23 @@ def _gdb_script(args: argparse.Namespace, plugins: Plugins) -> int:
     return print_script_path(args, plugins)
 
 
+def source_lines(kind: SourceKind, indent: int = 2) -> list[str]:
+    """A source kind for help: its pattern, then its summary and each option wrapped beneath it."""
+    inner = " " * (indent + 4)
+    lines = [" " * indent + kind.pattern, textwrap.fill(kind.summary, HELP_WIDTH, initial_indent=inner,
+                                                         subsequent_indent=inner)]
+    for option in kind.options:
+        lines.append(textwrap.fill(option.described, HELP_WIDTH, initial_indent=f"{inner}?{option.usage}  ",
+                                   subsequent_indent=inner + "    "))
+    return lines
+
+
 def _epilog(entry: Command, plugins: Plugins) -> str | None:
     parts = []
     if entry.lists_sources:
-        kinds = plugins.kinds()
-        lines = [f"  {kind.pattern}\n" + textwrap.fill(kind.summary, HELP_WIDTH, initial_indent=" " * 6,
-                                                     subsequent_indent=" " * 6) for kind in kinds]
-        parts.append("sources:\n" + ("\n".join(lines) or "  (none: no source plugin loaded)"))
+        lines = ["\n".join(source_lines(kind)) for kind in plugins.kinds()]
+        parts.append("sources (options after ?, joined by &; quote them in a shell):\n"
+                     + ("\n".join(lines) or "  (none: no source plugin loaded)"))
     if entry.examples:
         parts.append("examples:\n" + "\n".join(f"  {example}" for example in entry.examples))
     return "\n\n".join(parts) or None
@@ -201,8 +231,8 @@ def build_parser(plugins: Plugins) -> argparse.ArgumentParser:
         description="Turn the memory of a QEMU/KVM Windows guest into a crash dump that WinDbg opens.",
         epilog="Run 'windump COMMAND --help' for a command's arguments and examples.",
     )
-    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    for argument in GLOBAL_ARGUMENTS:
+        argument.add_to(parser)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for entry in COMMANDS:
         sub = subparsers.add_parser(
@@ -213,7 +243,7 @@ def build_parser(plugins: Plugins) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         for argument in entry.arguments:
-            sub.add_argument(*argument.flags, **argument.options)
+            argument.add_to(sub)
         sub.set_defaults(command=entry)
     return parser
 
@@ -228,7 +258,19 @@ def _error_line(exc: BaseException) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (a plugin that failed to load, a header field QEMU would only warn about) as one line."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
+    if file is None:
+        _write_stderr(f"{PROG}: warning: {message}\n")
+    else:
+        print(f"{PROG}: warning: {message}", file=file)
+
+
+def _write_stderr(text: str) -> None:
+    """A line on stderr, above the progress bar when one is drawn (only ``save`` loads the bar's module)."""
+    progress = sys.modules.get(f"{__package__}.progress")
+    if progress is None:
+        sys.stderr.write(text)
+    else:
+        progress.write_above(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             plugins = load_plugins()
             args = build_parser(plugins).parse_args(argv)
-            return args.command.run(args, plugins)
+            with log_lines(PROG, _write_stderr, args.verbose):
+                return args.command.run(args, plugins)
         except KeyboardInterrupt:
             if args.debug if args else "--debug" in argv:
                 traceback.print_exc()

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import socket
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,7 +26,11 @@ from pathlib import Path
 
 from ..errors import SourceError, WindumpError
 from ..live.rsp import QemuQueries, RemoteStub, parse_supported
+from ..sources.gdbstub import OPTIONS as STUB_OPTIONS, GdbStubSource
 from ..writer import ProgressCallback
+from .arguments import FORCE, QUIET, VERBOSE, option_argument
+from .logs import SaveTimer, log, log_lines
+from .reports import summary_line
 
 #: The features gdb announces in its own ``qSupported``, repeated to learn the stub's PacketSize
 #: without changing what gdb negotiated.
@@ -36,6 +41,9 @@ READ_MEMORY_CHUNK = 1 << 20
 
 #: Seconds between two redraws of the progress line.
 PROGRESS_INTERVAL = 0.5
+
+#: Columns ``help windump-save`` is wrapped to.
+HELP_WIDTH = 79
 
 #: The script file inside the package (a wheel carries ``gdb/windump.py`` there; see pyproject.toml).
 SCRIPT_PACKAGE, SCRIPT_NAME = "windump_plugins.gdb", "windump.py"
@@ -246,30 +254,102 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse with usage errors raised as one WindumpError line instead of exiting gdb."""
 
     def error(self, message: str):
-        raise WindumpError(f"{message} (usage: {self.format_usage().strip().removeprefix('usage: ')})")
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        raise WindumpError(f"{message} (usage: {usage})")
 
 
-def _address(text: str) -> int:
-    return int(text, 0)
+#: The first line of ``help windump-save``, which gdb also lists under ``help files``.
+SUMMARY = "Write a Windows crash dump of the QEMU guest gdb is attached to."
+
+DESCRIPTION = (
+    "Writes a full Windows crash dump (PAGEDU64) of the guest behind QEMU's gdbstub to FILE, using the "
+    "dump header the guest's driver published (found in RAM, or at --header-pa ADDR). FILE appears only "
+    "once complete. The guest stays stopped: windump never resumes it. The vCPU selected in gdb "
+    "(thread N = vCPU N-1) gives the header's context. RAM is read from QEMU's process memory when QEMU "
+    "runs on this host and we may read it, else through the stub in physical-memory mode (restored "
+    "afterwards, on errors and Ctrl-C too)."
+)
+
+EXAMPLES = (
+    "windump-save guest.dmp",
+    "thread 2",
+    "windump-save --force --packets /tmp/guest.dmp",
+    "windump-save --header-pa 0x7fe000 guest.dmp",
+)
+
+#: The gdb:// options that windump-save takes too: all but keep-stopped, since inside gdb windump
+#: never resumes the guest.
+SAVE_OPTIONS = tuple(option for option in STUB_OPTIONS if option.name != "keep-stopped")
 
 
-def save_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="windump-save", add_help=False)
-    parser.add_argument("-f", "--force", action="store_true", default=None)
-    parser.add_argument("--packets-only", action="store_true", default=None)
-    parser.add_argument("--header-pa", metavar="ADDR", type=_address)
-    parser.add_argument("-q", "--quiet", action="store_true")
-    parser.add_argument("output", metavar="FILE")
-    return parser
+@dataclass(frozen=True)
+class Setting:
+    """A ``set windump NAME on|off`` setting; for a NAME that is also a ``windump-save --NAME`` flag,
+    the flag's default."""
+
+    name: str
+    #: What windump-save does when it is on, said as an order ("replace FILE if it exists").
+    doc: str
+    default: bool
+
+    @property
+    def keyword(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _option_doc(name: str) -> str:
+    return next(option.help for option in SAVE_OPTIONS if option.name == name)
+
+
+SETTINGS = (
+    Setting("force", "replace FILE if it exists", False),
+    Setting("packets", _option_doc("packets"), False),
+    Setting("progress", "draw a progress line when gdb's output is a terminal", True),
+    Setting("verbose", "log which memory path ran, why, and how long each phase took, as -v does", False),
+)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The ``set windump ...`` defaults that command-line options override."""
+    """The ``set windump ...`` values (:data:`SETTINGS`) that command-line options override."""
 
     force: bool = False
-    packets_only: bool = False
+    packets: bool = False
     progress: bool = True
+    verbose: bool = False
+
+
+def _setting_note(name: str) -> str:
+    return f"default: set windump {name}" if any(setting.name == name for setting in SETTINGS) else ""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, width=HELP_WIDTH)
+
+
+def save_parser() -> argparse.ArgumentParser:
+    """The one parser of ``windump-save``: its arguments, and the help text gdb shows."""
+    settings = "\n".join(f"  set windump {setting.name} on|off\n" + textwrap.fill(
+        f"{setting.doc} (default {'on' if setting.default else 'off'})", HELP_WIDTH, initial_indent=" " * 6,
+        subsequent_indent=" " * 6) for setting in SETTINGS)
+    parser = _ArgumentParser(
+        prog="windump-save", add_help=False, formatter_class=_formatter,
+        description=textwrap.fill(DESCRIPTION, HELP_WIDTH),
+        epilog=(f"settings (show windump lists them):\n{settings}\n\n"
+                "examples:\n" + "\n".join(f"  {example}" for example in EXAMPLES)),
+    )
+    FORCE.add_to(parser, default=None, help=f"replace FILE if it exists ({_setting_note('force')})")
+    for option in SAVE_OPTIONS:
+        option_argument(option, default_note=_setting_note(option.name)).add_to(parser)
+    QUIET.add_to(parser)
+    VERBOSE.add_to(parser, help=f"{VERBOSE.options['help']} (-v: set windump verbose on)")
+    parser.add_argument("output", metavar="FILE", help="the .dmp file to write")
+    return parser
+
+
+def save_help() -> str:
+    """``help windump-save``: the summary line, then what :func:`save_parser` says."""
+    return f"{SUMMARY}\n{save_parser().format_help().rstrip()}"
 
 
 def progress_line(write: Callable[[str], None], *, interval: float = PROGRESS_INTERVAL,
@@ -293,34 +373,38 @@ def progress_line(write: Callable[[str], None], *, interval: float = PROGRESS_IN
     return progress
 
 
-def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str], None],
-                terminal: bool, timeout: float = 10.0) -> str:
+def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str], None], terminal: bool) -> str:
     """Run ``windump-save ARGV`` in gdb: write the dump of the guest gdb is attached to, and return
     the summary line (empty with ``--quiet``). Expected failures raise WindumpError; the guest stays stopped."""
     from ..save import save
-    from ..sources.gdbstub import GdbStubSource
 
     options = save_parser().parse_args(list(argv))
     force = settings.force if options.force is None else options.force
-    packets = settings.packets_only if options.packets_only is None else options.packets_only
-    stub = GdbConnection(timeout)
-    source = GdbStubSource.through(stub, description=f"gdb://{stub.address}", header_pa=options.header_pa,
-                                   packets=packets)
-    progress = progress_line(write) if settings.progress and terminal and not options.quiet else None
-    with warnings.catch_warnings(record=True) as caught:
+    packets = settings.packets if options.packets is None else options.packets
+    verbosity = max(getattr(options, "verbose", 0), int(settings.verbose))
+    drawing = settings.progress and terminal and not options.quiet
+
+    def write_line(text: str) -> None:  # above the progress line, which the next report redraws
+        write("\r\x1b[K" + text if drawing else text)
+
+    with log_lines("windump-save", write_line, verbosity), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        started = time.perf_counter()
+        stub = GdbConnection(options.timeout)
+        source = GdbStubSource.through(stub, description=f"gdb://{stub.address}", header_pa=options.header_pa,
+                                       packets=packets)
+        log.info("%s: opened in %.2f s", source.description, time.perf_counter() - started)
+        timer = SaveTimer(progress_line(write) if drawing else None)
         try:
-            report = save(source, options.output, force=force, progress=progress, context_cpu=stub.selected_cpu)
+            report = save(source, options.output, force=force, progress=timer, context_cpu=stub.selected_cpu)
         except BaseException:
             with contextlib.suppress(WindumpError):  # restoring over a dead connection: the first error tells why
                 source.close()
             raise
         source.close()
+        timer.log(report)
     for warning in caught:
         write(f"windump-save: warning: {warning.message}\n")
     if options.quiet:
         return ""
-    how = "QEMU's process memory" if source.path == "procmem" else f"packets ({source.fast_path_problem})"
-    return (f"windump-save: wrote {report.output}: {report.bytes_written >> 20} MiB, {report.runs} runs, "
-            f"{report.seconds:.1f} s, {report.bytes_per_second / 1e6:.0f} MB/s from {how}; "
-            f"header context: vCPU {stub.selected_cpu}")
+    return f"windump-save: {summary_line(report)}; header context: vCPU {stub.selected_cpu}"

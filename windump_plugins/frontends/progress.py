@@ -1,5 +1,5 @@
 """Progress for the terminal: a tqdm bar on stderr turned into the writer's ``progress(done, total)``
-callback, or nothing at all when stderr is not a terminal."""
+callback, or nothing at all when stderr is not a terminal; and lines written above the bar."""
 
 from __future__ import annotations
 
@@ -35,3 +35,8 @@ def progress_bar(description: str, *, enabled: bool = True, stream: TextIO | Non
                 bar.refresh()  # tqdm skips redraws within 0.1 s; the last state is worth showing
 
         yield progress
+
+
+def write_above(text: str, stream: TextIO | None = None) -> None:
+    """Write ``text`` (whole lines) to ``stream`` (default stderr) above any bar, which tqdm redraws."""
+    tqdm.write(text, file=sys.stderr if stream is None else stream, end="")

@@ -22,12 +22,11 @@ from ..errors import SourceError, WindumpError
 from ..formats.dumpheader import PAGE_SIZE
 from ..errors import WindumpWarning
 from ..hookspecs import SourceKind, hookimpl
-from ..location import host_and_port
-from ..location import options as location_options
+from ..location import Option, address, host_and_port, parse_options, seconds
 from ..live.hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
 from ..live.procmem import ProcessMemory, peer_pid
 from ..live.rsp import RemoteStub
-from ..source import CpuState, MemorySource
+from ..source import Access, CpuState, MemorySource
 from ..formats.vmcoreinfo import NOTE_HEADER_SIZE, parse_note
 from ..notescan import scan_for_note
 
@@ -47,7 +46,14 @@ INFO_REGISTERS = "info registers -a"
 #: Seconds a fresh connection, made to leave QEMU as found when ours was lost, may take per reply.
 RECONNECT_TIMEOUT = 3.0
 
-_OPTIONS = ("keep-stopped", "header-pa", "packets", "timeout")
+#: The ``?`` options of a ``gdb://`` location; gdb's ``windump-save`` takes those that apply there.
+OPTIONS = (
+    Option("keep-stopped", "leave the VM stopped after the dump; by default a VM found running runs on"),
+    Option("header-pa", "physical address of the guest's published VMCOREINFO note or of the dump header in "
+           "it, instead of scanning RAM for it", type=address, metavar="ADDR"),
+    Option("packets", "read RAM with the stub's m packets even when QEMU's process memory can be read"),
+    Option("timeout", "seconds to wait for each reply of the stub", type=seconds, metavar="S", default="10"),
+)
 
 _HMP_CPU = re.compile(r"^CPU#(\d+)[ \t]*$", re.M)
 _HMP_DEBUG_REGISTER = re.compile(r"\bDR([0-7])=([0-9a-fA-F]+)\b")
@@ -74,20 +80,7 @@ def parse_location(location: str) -> dict | None:
     if parts.scheme != "gdb":
         return None
     host, port = host_and_port(location, parts, "expected gdb://HOST:PORT, e.g. gdb://127.0.0.1:1234")
-    options = location_options(location, parts, _OPTIONS)
-    try:
-        header_pa = int(options["header-pa"], 0) if "header-pa" in options else None
-        timeout = float(options.get("timeout", 10.0))
-    except ValueError as error:
-        raise SourceError(f"{location}: bad option value: {error}") from None
-    return {
-        "host": host,
-        "port": port,
-        "keep_stopped": "keep-stopped" in options,
-        "header_pa": header_pa,
-        "packets": "packets" in options,
-        "timeout": timeout,
-    }
+    return {"host": host, "port": port, **parse_options(location, parts.query, OPTIONS)}
 
 
 class QemuStub(Protocol):
@@ -334,6 +327,10 @@ class GdbStubSource(MemorySource):
                           f"{', '.join(missing)}: its CONTEXT carries no debug registers", WindumpWarning, stacklevel=3)
         return [registers for _, registers in blocks]
 
+    def access(self) -> Access:
+        passed_over = {"procmem": self.fast_path_problem} if self.path != "procmem" and self.fast_path_problem else {}
+        return Access(self.path, passed_over)
+
     def close(self) -> None:
         self._stack.close()
 
@@ -348,9 +345,5 @@ def windump_open_location(location: str) -> MemorySource | None:
 
 @hookimpl
 def windump_source_kinds() -> list[SourceKind]:
-    return [
-        SourceKind(
-            "gdb://HOST:PORT[?keep-stopped&header-pa=ADDR&packets&timeout=S]",
-            "a live QEMU through its gdbstub (-s or -gdb tcp::PORT); stops the VM while attached",
-        )
-    ]
+    return [SourceKind("gdb://HOST:PORT[?OPTIONS]",
+                       "a live QEMU through its gdbstub (-s or -gdb tcp::PORT); stops the VM while attached", OPTIONS)]

@@ -50,12 +50,11 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from ..errors import SourceError
 from ..formats.dumpheader import PAGE_SIZE
 from ..hookspecs import SourceKind, hookimpl
-from ..location import host_and_port
-from ..location import options as location_options
+from ..location import Option, host_and_port, parse_options, seconds
 from ..live.elfstream import ElfStream
 from ..live.hmp import parse_host_address, parse_ram_map, ram_layout
 from ..live.procmem import ProcessMemory, peer_pid
-from ..source import CpuState, FileExtent, MemorySource
+from ..source import Access, CpuState, FileExtent, MemorySource
 from ..elffile import ElfSource
 
 SCHEME = "qmp"
@@ -63,7 +62,12 @@ SCHEME = "qmp"
 #: How guest RAM may be read, fastest first (module docstring).
 MEMORY_PATHS = ("shm", "procmem", "stream")
 
-_OPTIONS = ("memory", "timeout")
+#: The ``?`` options of a ``qmp`` location.
+OPTIONS = (
+    Option("memory", "read RAM this way only, instead of the first way that works in this order",
+           choices=MEMORY_PATHS),
+    Option("timeout", "seconds to wait for each QMP reply", type=seconds, metavar="S", default="10"),
+)
 
 #: Bytes of QEMU's greeting we wait for before handing the socket to the QMP client.
 GREETING_PREFIX = b'{"QMP"'
@@ -88,7 +92,7 @@ NO_NOTE_MESSAGE = (
 
 def parse_location(location: str) -> dict | None:
     """Keyword arguments of :class:`QmpSource` for ``qmp:PATH`` or ``qmp://HOST:PORT`` (each with
-    ``?memory=shm|procmem|stream&timeout=SECONDS``); None for other schemes."""
+    :data:`OPTIONS` after ``?``); None for other schemes."""
     parts = urllib.parse.urlsplit(location)
     if parts.scheme != SCHEME:
         return None
@@ -100,15 +104,7 @@ def parse_location(location: str) -> dict | None:
         address = parts.path
     else:
         raise SourceError(f"{location}: {usage}")
-    options = location_options(location, parts, _OPTIONS)
-    memory = options.get("memory")
-    if memory is not None and memory not in MEMORY_PATHS:
-        raise SourceError(f"{location}: memory={memory!r} is none of {', '.join(MEMORY_PATHS)}")
-    try:
-        timeout = float(options.get("timeout", 10.0))
-    except ValueError as error:
-        raise SourceError(f"{location}: bad option value: {error}") from None
-    return {"address": address, "memory": memory, "timeout": timeout}
+    return {"address": address, **parse_options(location, parts.query, OPTIONS)}
 
 
 class QmpSource(MemorySource):
@@ -282,6 +278,9 @@ class QmpSource(MemorySource):
         if self._paused_at is not None:
             return time.monotonic() - self._paused_at
         return self._paused_for
+
+    def access(self) -> Access:
+        return Access(self.memory_path or "", dict(self.path_problems), self.paused_seconds)
 
     def reading_done(self) -> None:
         """End the stream (if any) and resume the guest if windump paused it."""
@@ -625,7 +624,8 @@ def windump_open_location(location: str) -> MemorySource | None:
 @hookimpl
 def windump_source_kinds() -> list[SourceKind]:
     return [SourceKind(
-        "qmp:PATH or qmp://HOST:PORT[?memory=shm|procmem|stream&timeout=S]",
+        "qmp:PATH or qmp://HOST:PORT[?OPTIONS]",
         "a live QEMU on this host through QMP (-qmp unix:PATH,server=on,wait=off); pauses a running VM "
         "only while its RAM is read",
+        OPTIONS,
     )]

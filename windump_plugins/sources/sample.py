@@ -1,19 +1,20 @@
 """The ``sample:`` source: the built-in model of a crashed Windows x64 guest, for tests and demos.
 
-``sample:`` opens the default model; options follow the colon, separated by commas, e.g.
-``sample:cpus=4,encoded,ram=5G``.
+``sample:`` opens the default model; options follow as a query string, e.g.
+``sample:?cpus=4&encoded&ram=5G``. The older ``sample:cpus=4,encoded`` still works, with a warning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
 
 import numpy as np
 
-from ..errors import SourceError
+from ..errors import SourceError, WindumpWarning
 from ..guest.model import CrashedGuest, pc_ram
 from ..hookspecs import SourceKind, hookimpl
-from ..source import CpuState, MemorySource
+from ..location import Option, integer, parse_options
+from ..source import Access, CpuState, MemorySource
 
 SCHEME = "sample:"
 
@@ -25,36 +26,43 @@ def _size(text: str) -> int:
     unit = text[-1:].upper() if text[-1:].isalpha() else ""
     if unit not in _SIZE_UNITS:
         raise ValueError(f"unknown size unit {unit!r} (use K, M or G)")
-    return int(text[:len(text) - len(unit)], 0) * _SIZE_UNITS[unit]
+    return integer(text[:len(text) - len(unit)]) * _SIZE_UNITS[unit]
 
 
-#: option name -> (what the user types, what it does, CrashedGuest keyword arguments from its value).
-#: An option whose usage has no ``=`` is a bare flag and takes no value.
-OPTIONS: dict[str, tuple[str, str, Callable[[str], dict]]] = {
-    "cpus": ("cpus=N", "N vCPUs (1-8, default 2)", lambda value: {"cpus": int(value, 0)}),
-    "encoded": ("encoded", "keep the KDBG encoded, as Windows 8 and later do",
-                lambda _: {"encoded_kdbg": True}),
-    "ram": ("ram=SIZE", "RAM laid out as QEMU's pc machine gives it (e.g. 256M, 5G)",
-            lambda value: {"ram": pc_ram(_size(value))}),
-    "bugcheck": ("bugcheck=CODE", "the bug-check code in KiBugcheckData (0: none recorded)",
-                 lambda value: {"bugcheck_code": int(value, 0)}),
-}
+def _pc_ram(text: str) -> tuple[tuple[int, int], ...]:
+    return pc_ram(_size(text))
+
+
+def _bugcheck_code(text: str) -> int:
+    """A 32-bit bug-check code, as KiBugcheckData holds it."""
+    code = integer(text)
+    if not 0 <= code <= 0xFFFFFFFF:
+        raise ValueError("a bug-check code is 32 bits, 0 to 0xffffffff")
+    return code
+
+
+#: The options of a ``sample:`` location; each value is a keyword argument of CrashedGuest.
+OPTIONS = (
+    Option("cpus", "vCPUs of the model, 1 to 8", type=integer, metavar="N", default="2"),
+    Option("encoded", "keep the KDBG encoded, as Windows 8 and later do", keyword="encoded_kdbg"),
+    Option("ram", "RAM laid out as QEMU's pc machine gives it, e.g. 256M or 5G; by default a small layout of "
+           "the model's own", type=_pc_ram, metavar="SIZE"),
+    Option("bugcheck", "the bug-check code in KiBugcheckData, 0 for none recorded", type=_bugcheck_code, metavar="CODE",
+           default="0xE2", keyword="bugcheck_code"),
+)
+
+LEGACY_SYNTAX_MESSAGE = "{location}: options after sample: are a query string now: write sample:?{query}"
 
 
 def open_sample(location: str) -> SampleSource:
-    """The source a ``sample:OPTIONS`` location names (SourceError for an unknown or bad option)."""
-    arguments: dict = {}
-    for option in filter(None, location[len(SCHEME):].split(",")):
-        name, equals, value = option.partition("=")
-        if name not in OPTIONS or ("=" in OPTIONS[name][0]) != bool(equals):
-            known = ", ".join(usage for usage, _, _ in OPTIONS.values())
-            raise SourceError(f"{location}: unknown option {option!r}; the options are {known}")
-        try:
-            arguments.update(OPTIONS[name][2](value))
-        except ValueError as error:
-            raise SourceError(f"{location}: bad option {option!r}: {error}") from None
+    """The source a ``sample:?OPTIONS`` location names (SourceError for an unknown or bad option)."""
+    query = location[len(SCHEME):]
+    if query and not query.startswith("?"):  # sample:cpus=4,encoded, from before options were queries
+        query = query.replace(",", "&")
+        warnings.warn(LEGACY_SYNTAX_MESSAGE.format(location=location, query=query), WindumpWarning, stacklevel=2)
+    arguments = parse_options(location, query.removeprefix("?"), OPTIONS)
     try:
-        guest = CrashedGuest(**arguments)
+        guest = CrashedGuest(**{keyword: value for keyword, value in arguments.items() if value is not None})
     except ValueError as error:
         raise SourceError(f"{location}: {error}") from None
     return SampleSource(guest, location)
@@ -80,6 +88,9 @@ class SampleSource(MemorySource):
     def cpus(self) -> list[CpuState]:
         return [CpuState(state.index, dict(state.registers)) for state in self.guest.cpu_states]
 
+    def access(self) -> Access:
+        return Access("model")
+
 
 @hookimpl
 def windump_open_location(location: str) -> SampleSource | None:
@@ -88,5 +99,4 @@ def windump_open_location(location: str) -> SampleSource | None:
 
 @hookimpl
 def windump_source_kinds() -> list[SourceKind]:
-    options = "; ".join(f"{usage}: {summary}" for usage, summary, _ in OPTIONS.values())
-    return [SourceKind(f"{SCHEME}[OPTION,...]", f"a built-in model of a crashed Windows x64 guest ({options})")]
+    return [SourceKind(f"{SCHEME}[?OPTIONS]", "a built-in model of a crashed Windows x64 guest", OPTIONS)]
