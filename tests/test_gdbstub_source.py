@@ -22,20 +22,23 @@ import numpy as np
 import pytest
 from qemu.qmp import ConnectError, QMPClient
 
-from windump_plugins.errors import SourceError
-from windump_plugins.errors import WindumpWarning
-from windump_plugins.plugins import Plugins
+from windump_plugins import notescan
+from windump_plugins.errors import SourceError, WindumpWarning
+from windump_plugins.formats.vmcoreinfo import find_notes
 from windump_plugins.live import procmem
 from windump_plugins.live.phymemmode import PhyMemMode
 from windump_plugins.live.procmem import ProcessMemory, peer_pid
 from windump_plugins.live.rsp import RemoteStub
 from windump_plugins.live.rspmemory import PipelinedReads
-from windump_plugins.live.rspwire import RspWire
 from windump_plugins.live.rsppacket import frame
+from windump_plugins.live.rspwire import RspWire
+from windump_plugins.plugins import Plugins
 from windump_plugins.sources import gdbstub
-from windump_plugins import notescan
-from windump_plugins.sources.gdbstub import GdbStubSource, parse_debug_registers, parse_location
-from windump_plugins.formats.vmcoreinfo import find_notes
+from windump_plugins.sources.gdbstub import (
+    GdbStubSource,
+    parse_debug_registers,
+    parse_location,
+)
 
 QEMU = shutil.which("qemu-system-x86_64")
 MiB = 1 << 20

@@ -16,12 +16,13 @@ from windump_plugins.elffile import ElfSource
 from windump_plugins.errors import FormatError, SourceError
 from windump_plugins.formats.dumpheader import DUMP_HEADER64
 from windump_plugins.guest.model import CrashedGuest
-from windump_plugins.plugins import Plugins
-from windump_plugins.sources import qmp
 from windump_plugins.live.elfstream import ElfStream
+from windump_plugins.plugins import Plugins
 from windump_plugins.save import save
 from windump_plugins.source import Access
+from windump_plugins.sources import qmp
 from windump_plugins.sources.qmp import QmpSource, parse_location
+
 
 @pytest.mark.parametrize("location, expected", [
     ("qmp:/run/qemu/win.sock", {"address": "/run/qemu/win.sock", "memory": None, "timeout": 10.0}),

@@ -12,9 +12,11 @@ inside gdb's Python.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import SourceError
 from .rsp import QemuQueries, RemoteStub, parse_supported
@@ -42,19 +44,15 @@ def _unmapped(address: str) -> str:
     return address.removeprefix("::ffff:")
 
 
-def gdb_socket(details: str) -> socket.socket | None:
-    """A duplicate of the socket in this process (gdb) connected to the stub ``details`` names, or None.
+def gdb_socket(host: str, port: int) -> socket.socket | None:
+    """A duplicate of the socket in this process (gdb) connected to ``host:port``, or None.
 
     gdb does not expose its file descriptor, so each socket in ``/proc/self/fd`` is matched by its
-    peer address against ``details``. The duplicate shares gdb's open file, so it reads and writes
-    the very same connection.
+    peer address. The duplicate shares gdb's open file, so it reads and writes the very same
+    connection.
     """
-    endpoint = _tcp_endpoint(details)
-    if endpoint is None:
-        return None
-    host, port = endpoint
     try:
-        addresses = {_unmapped(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        addresses = {_unmapped(str(info[4][0])) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
     except OSError:
         return None
     for fd in os.listdir("/proc/self/fd"):
@@ -75,12 +73,15 @@ def gdb_socket(details: str) -> socket.socket | None:
     return None
 
 
-def register_value(value) -> int | None:
+def _gdb() -> Any:
+    """gdb's own Python module, which exists only inside gdb."""
+    return importlib.import_module("gdb")
+
+
+def register_value(value: Any) -> int | None:
     """A gdb register value as an unsigned integer of its raw bits (x87 registers too), None when
     unavailable. Vector registers are unions: their ``uint128`` member holds the bits."""
-    import gdb
-
-    if value.type.strip_typedefs().code == gdb.TYPE_CODE_UNION:
+    if value.type.strip_typedefs().code == _gdb().TYPE_CODE_UNION:
         value = value["uint128"]
     try:
         return int(value.format_string(format="x"), 16)
@@ -113,9 +114,7 @@ class GdbConnection(QemuQueries):
     stopped_running_vm = False
 
     def __init__(self, timeout: float = 10.0) -> None:
-        import gdb
-
-        self._gdb = gdb
+        self._gdb = gdb = _gdb()
         inferior = gdb.selected_inferior()
         connection = inferior.connection
         if not isinstance(connection, gdb.RemoteTargetConnection):
@@ -130,12 +129,12 @@ class GdbConnection(QemuQueries):
         self._connection = connection
         self.features = parse_supported(self.command(GDB_SUPPORTED))
         self.selected_cpu, self._registers = self._read_vcpu_registers(threads)
-        self._socket = gdb_socket(self.address)
+        endpoint = _tcp_endpoint(self.address)
+        self._socket = None if endpoint is None else gdb_socket(*endpoint)
         self._bulk: RemoteStub | None = None
-        if self._socket is not None:
+        if endpoint is not None and self._socket is not None:
             blocking = self._socket.getblocking()
-            self._bulk = RemoteStub(*_tcp_endpoint(self.address), timeout, connection=self._socket,
-                                    features=self.features)
+            self._bulk = RemoteStub(*endpoint, timeout, connection=self._socket, features=self.features)
             os.set_blocking(self._socket.fileno(), blocking)  # gdb's file again as gdb had it
 
     def command(self, payload: bytes | str) -> bytes:

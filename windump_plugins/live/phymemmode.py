@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Protocol, Self
 
 from ..errors import SourceError, WindumpError, WindumpWarning
 
@@ -80,7 +80,7 @@ class PhyMemMode:
             stub.detach()
             log.info("gdb://%s: detached, so the VM runs on", stub.address)
 
-    def __enter__(self) -> PhyMemMode:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc_info: object) -> None:

@@ -3,7 +3,6 @@ resumed with the time it spent paused, and file descriptors passed to QEMU with 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -121,7 +120,7 @@ class QmpConnection:
             reply = self._qmp.cmd(command, **arguments)
         except ExecuteError as error:
             raise SourceError(f"{self.description}: QMP {command} failed: {error.error.error.desc}") from None
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise SourceError(f"{self.description}: QEMU gave no answer to {command} within {self.timeout:g} s") from None
         except (QMPError, OSError, EOFError) as error:
             self.lost = True
@@ -154,7 +153,7 @@ class QmpConnection:
 
     def wait_event(self, seconds: float) -> None:
         """Wait up to ``seconds`` for any QMP event (what it is does not matter here)."""
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+        with contextlib.suppress(TimeoutError):
             self._qmp.pull_event(wait=seconds)
 
     # -- pausing ------------------------------------------------------------------------------

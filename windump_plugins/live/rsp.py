@@ -10,6 +10,7 @@ from __future__ import annotations
 import binascii
 import re
 import socket
+from typing import Self
 
 from ..errors import SourceError
 from .rspmemory import PipelinedReads
@@ -313,7 +314,7 @@ class RemoteStub(QemuQueries):
     def close(self) -> None:
         self.wire.close()
 
-    def __enter__(self) -> RemoteStub:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -87,7 +87,7 @@ class PipelinedReads:
             stated = HEX_VALUE[frames[:, stride - 2]] * 16 + HEX_VALUE[frames[:, stride - 1]]
             regular = bool((sums == stated).all())
             try:
-                data = binascii.a2b_hex(np.ascontiguousarray(digits)) if regular else b""
+                data = binascii.a2b_hex(np.ascontiguousarray(digits).data) if regular else b""
             except binascii.Error:  # not hex: the one-by-one parser names the address
                 regular = False
         del frames, digits  # the bytearray cannot shrink while numpy views it
@@ -102,7 +102,7 @@ class PipelinedReads:
     def _parse_replies_one_by_one(self, view: memoryview, offsets: range, done: int, sent: int, address: int) -> int:
         """Decode each complete ``m`` reply in the receive buffer, whatever its form."""
         wire = self.wire
-        spans = []
+        spans: list[tuple[int, int]] = []
         position = 0
         while done + len(spans) < sent and (bounds := wire.packet_bounds(position)):
             if wire.received[bounds[0] + 1] in b"TS":  # a stop notification: hex never starts so
@@ -134,7 +134,7 @@ class PipelinedReads:
             wire.acks += len(spans)
         return len(spans)
 
-    def _read_reply(self, body: bytes, view: memoryview, offset: int, address: int) -> None:
+    def _read_reply(self, body: bytes | bytearray, view: memoryview, offset: int, address: int) -> None:
         """Decode one ``m`` reply's body into ``view`` at ``offset``; SourceError names what it was for."""
         length = min(self.max_read, len(view) - offset)
         try:

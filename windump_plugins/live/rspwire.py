@@ -91,7 +91,7 @@ class RspWire:
         self.acks = 0
         try:
             self.socket.sendall(data)
-        except socket.timeout:
+        except TimeoutError:
             raise self.fail(f"gdb://{self.address}: the stub stopped accepting data for {self.timeout:g} s") from None
         except OSError as error:
             raise self.fail(f"gdb://{self.address}: connection lost: {error.strerror or error}") from None
@@ -122,7 +122,7 @@ class RspWire:
             # QEMU's socket keeps Nagle on: it holds each small reply until our ACK comes, and a
             # delayed ACK costs up to 40 ms. Quick-ack mode resets itself, so ask again each time.
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except socket.timeout:
+        except TimeoutError:
             hint = "" if self.negotiated else " (is another debugger attached? QEMU serves one client at a time)"
             raise self.fail(f"gdb://{self.address}: no reply from the stub within {self.timeout:g} s{hint}") from None
         except OSError as error:

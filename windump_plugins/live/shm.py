@@ -92,7 +92,8 @@ def _map_backends(qmp: QmpConnection, stack: contextlib.ExitStack) -> dict[str, 
                 if child["type"] == "child<memory-backend-file>"]
     if not backends:
         raise PathUnavailable("no memory-backend-file RAM backend (see -object memory-backend-file,share=on)")
-    opened, problems = {}, []
+    opened: dict[str, tuple[BinaryIO, memoryview]] = {}
+    problems: list[str] = []
     for name in backends:
         path = f"/objects/{name}"
         mem_path = qmp.execute("qom-get", path=path, property="mem-path")
@@ -101,7 +102,7 @@ def _map_backends(qmp: QmpConnection, stack: contextlib.ExitStack) -> dict[str, 
             problems.append(f"backend {name} has share=off, so {mem_path} does not hold guest writes")
             continue
         try:
-            file = stack.enter_context(open(mem_path, "rb", buffering=0))
+            file = stack.enter_context(open(mem_path, "rb", buffering=0))  # noqa: SIM115 (the stack closes it)
         except OSError as error:
             problems.append(f"cannot open {mem_path} of backend {name}: {error.strerror}")
             continue

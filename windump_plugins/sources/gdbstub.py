@@ -50,7 +50,7 @@ RECONNECT_TIMEOUT = 3.0
 
 _OPTIONS = ("keep-stopped", "header-pa", "packets", "timeout")
 
-_HMP_CPU = re.compile(r"^CPU#(\d+)[ \t]*$", re.M)
+_HMP_CPU = re.compile(r"^CPU#(\d+)[ \t]*$", re.MULTILINE)
 _HMP_DEBUG_REGISTER = re.compile(r"\bDR([0-7])=([0-9a-fA-F]+)\b")
 
 
