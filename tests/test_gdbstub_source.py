@@ -33,6 +33,7 @@ from windump_plugins.live.rspmemory import PipelinedReads
 from windump_plugins.live.rsppacket import frame
 from windump_plugins.live.rspwire import RspWire
 from windump_plugins.plugins import Plugins
+from windump_plugins.source import Access
 from windump_plugins.sources import gdbstub
 from windump_plugins.sources.gdbstub import (
     GdbStubSource,
@@ -286,14 +287,14 @@ def test_ram_map_reads_and_paths_agree_with_pmemsave(qemu, tmp_path):
     expected = qemu.pmemsave(tmp_path, address, length)
     assert expected[0xF800:0x12800] == pattern
     with open_through_plugin_manager(qemu.location) as fast:  # QEMU serves one client at a time
-        assert fast.path == "procmem", fast.fast_path_problem
+        assert fast.access() == Access("procmem", {}, 0.0)  # -S: QEMU was not running
         ram = fast.ram
         assert fast.read(address, length) == expected
     assert ram.dtype == np.uint64
     assert int(ram[-1, 1]) == 64 * MiB  # -m 64M: RAM to 64 MiB, minus the ROM shadow below 1 MiB
     assert int((ram[:, 1] - ram[:, 0]).sum()) == 64 * MiB - 0x40000
     with GdbStubSource("127.0.0.1", qemu.port, packets=True) as slow:
-        assert slow.path == "packets"
+        assert slow.access() == Access("packets", {"procmem": "not tried: packets was asked for"}, 0.0)
         assert np.array_equal(slow.ram, ram)
         assert slow.read(address, length) == expected
         with pytest.raises(SourceError, match="not in guest RAM"):
@@ -448,6 +449,10 @@ def test_vm_left_as_found(running_qemu, qemu):
     with GdbStubSource("127.0.0.1", running_qemu.port):
         assert running_qemu.status() == "paused"
     assert running_qemu.status() == "running"
+    with GdbStubSource("127.0.0.1", running_qemu.port) as source:  # resumed once reading is done
+        source.reading_done()
+        assert running_qemu.status() == "running"
+        assert 0 < source.access().paused_seconds < 30
     with GdbStubSource("127.0.0.1", running_qemu.port, keep_stopped=True):
         pass
     assert running_qemu.status() == "paused"
@@ -613,6 +618,40 @@ def test_ctrl_c_with_a_broken_connection_warns_instead_of_hiding_it(persistent_s
         source.read(0, 0x100000)
     with pytest.warns(WindumpWarning, match=r"^out of step; PhyMemMode may be left at 1"):
         source.close()
+
+
+def test_reading_done_leaves_qemu_as_found_and_ends_the_pause(persistent_stub):
+    """Once reading is done, PhyMemMode is back and the VM that attaching stopped runs: the pause
+    access() reports ends there, and no read can follow."""
+    stub = persistent_stub(running=True)
+    source = GdbStubSource("127.0.0.1", stub.port)
+    try:
+        assert source.read(0x1000, 0x1000) == bytes(0x1000)
+        assert (stub.phy_mem_mode, stub.running) == (1, False)
+        source.reading_done()
+        assert (stub.phy_mem_mode, stub.running) == (0, True)
+        access = source.access()
+        # The stand-in stub runs in this process, which the same-host path never reads.
+        assert (access.path, access.passed_over) == ("packets", {"procmem": "QEMU is not a process on this host (or not visible to us)"})
+        assert 0 < access.paused_seconds == source.access().paused_seconds
+        with pytest.raises(RuntimeError, match=r"read after reading_done\(\)"):
+            source.read(0x1000, 8)
+    finally:
+        source.close()
+    assert (stub.accepted, stub.phy_mem_mode, stub.running) == (1, 0, True)
+
+
+@pytest.mark.parametrize("running, keep_stopped", [(False, False), (True, True)])
+def test_a_vm_not_resumed_stays_paused(persistent_stub, running, keep_stopped):
+    """A VM found paused reports no pause of windump's; with keep-stopped, one it stopped stays
+    stopped and its pause counts until reading was done."""
+    stub = persistent_stub(running=running)
+    with GdbStubSource("127.0.0.1", stub.port, keep_stopped=keep_stopped, packets=True) as source:
+        source.reading_done()
+        assert (stub.phy_mem_mode, stub.running) == (0, False)
+        paused = source.access().paused_seconds
+        assert (paused > 0) == running and paused == source.access().paused_seconds
+    assert not stub.running
 
 
 def test_a_reply_that_never_ends_is_cut_off():
