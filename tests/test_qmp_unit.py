@@ -4,6 +4,7 @@ each memory path against a stand-in QEMU (``tests/qmpfake.py``)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 
@@ -266,3 +267,13 @@ def test_dump_through_each_path_equals_the_dump_of_the_elf(tmp_path, memory):
     comment = slice(DUMP_HEADER64.fields["Comment"][1], DUMP_HEADER64.fields["Comment"][1] + 128)
     ours[comment] = theirs[comment] = 0
     assert ours.size == theirs.size and np.array_equal(ours, theirs)
+
+
+def test_the_log_names_the_path_and_why_faster_ones_were_passed_over(fake_qemu, caplog):
+    qemu, _ = fake_qemu()
+    with caplog.at_level(logging.INFO, logger="windump_plugins.live"), QmpSource(qemu.path) as source:
+        pass
+    messages = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
+    assert messages == [f"{source.description}: shm passed over: no memory-backend-file RAM backend "
+                        "(see -object memory-backend-file,share=on)",
+                        f"{source.description}: guest RAM through procmem"]
