@@ -53,14 +53,15 @@ class RamReader(abc.ABC):
         """Every read has been made: a reader that holds QEMU busy lets it go here."""
 
     def close(self) -> None:
-        """Release what the reader holds; must follow :meth:`reading_done` when that was not called."""
+        """Release what the reader holds, and end what :meth:`reading_done` ends if that was never
+        called (an error midway)."""
 
 
 #: A memory path as a source declares it: its name and how to open its reader.
-Path = tuple[str, Callable[[], RamReader]]
+MemoryPath = tuple[str, Callable[[], RamReader]]
 
 
-def open_first(paths: Sequence[Path], *, forced: str | None, description: str) -> tuple[RamReader, dict[str, str]]:
+def open_first(paths: Sequence[MemoryPath], *, forced: str | None, description: str) -> tuple[RamReader, dict[str, str]]:
     """The reader of the first path in ``paths`` that opens (of ``forced`` alone, when given), and
     why each path before it was passed over, in order.
 

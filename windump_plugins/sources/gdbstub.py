@@ -25,7 +25,7 @@ from ..errors import SourceError, WindumpError, WindumpWarning
 from ..formats.vmcoreinfo import NOTE_HEADER_SIZE, parse_note
 from ..hookspecs import SourceKind, hookimpl
 from ..live.hmp import RamRegion, parse_ram_map, ram_layout
-from ..live.layers import Path, PathUnavailable, RamReader, open_first
+from ..live.layers import MemoryPath, PathUnavailable, RamReader, open_first
 from ..live.packets import PacketRam
 from ..live.phymemmode import PhyMemMode
 from ..live.procmem import peer_pid
@@ -191,7 +191,7 @@ class GdbStubSource(MemorySource):
         regions = parse_ram_map(stub.monitor("info mtree -f"))
         if not regions:
             raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
-        paths: list[Path] = [
+        paths: list[MemoryPath] = [
             ("procmem", lambda: self._same_host_ram(regions)),
             ("packets", lambda: PacketRam(stub, ram_layout(regions))),
         ]

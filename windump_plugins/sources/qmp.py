@@ -45,7 +45,7 @@ from ..errors import SourceError
 from ..formats.dumpheader import PAGE_SIZE
 from ..hookspecs import SourceKind, hookimpl
 from ..live.hmp import RamRegion, parse_ram_map
-from ..live.layers import Path, RamReader, open_first
+from ..live.layers import MemoryPath, RamReader, open_first
 from ..live.qmp import QmpConnection
 from ..live.qmpdump import GuestMemoryDumps
 from ..live.samehost import open_process_ram, same_host_ram
@@ -138,7 +138,7 @@ class QmpSource(MemorySource):
             self._stack.close()
             raise
 
-    def _paths(self, regions: list[RamRegion], progress: Callable[[int, int], None] | None) -> list[Path]:
+    def _paths(self, regions: list[RamRegion], progress: Callable[[int, int], None] | None) -> list[MemoryPath]:
         """:data:`MEMORY_PATHS` and their readers, fastest first (the module docstring)."""
         qmp, description, pages = self.qmp, self.description, self._pages
 
