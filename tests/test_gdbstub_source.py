@@ -23,16 +23,24 @@ import pytest
 from gate import require
 from qemu.qmp import ConnectError, QMPClient
 
-from windump_plugins.errors import SourceError
-from windump_plugins.errors import WindumpWarning
-from windump_plugins.plugins import Plugins
+from windump_plugins import notescan
+from windump_plugins.errors import SourceError, WindumpWarning
+from windump_plugins.formats.vmcoreinfo import find_notes
+from windump_plugins.live import procmem
+from windump_plugins.live.phymemmode import PhyMemMode
 from windump_plugins.live.procmem import ProcessMemory, peer_pid
 from windump_plugins.live.rsp import RemoteStub
+from windump_plugins.live.rspmemory import PipelinedReads
 from windump_plugins.live.rsppacket import frame
+from windump_plugins.live.rspwire import RspWire
+from windump_plugins.plugins import Plugins
+from windump_plugins.source import Access
 from windump_plugins.sources import gdbstub
-from windump_plugins import notescan
-from windump_plugins.sources.gdbstub import GdbStubSource, parse_debug_registers, parse_location
-from windump_plugins.formats.vmcoreinfo import find_notes
+from windump_plugins.sources.gdbstub import (
+    GdbStubSource,
+    parse_debug_registers,
+    parse_location,
+)
 
 QEMU = shutil.which("qemu-system-x86_64")
 MiB = 1 << 20
@@ -114,7 +122,7 @@ def running_qemu(tmp_path):
 def seed(location: str, address: int, data: bytes) -> None:
     """Write ``data`` to guest physical memory with ``M`` packets (tests only: windump never writes)."""
     host, port = location.removeprefix("gdb://").split(":")
-    with RemoteStub(host, int(port)) as stub, stub.physical_memory():
+    with RemoteStub(host, int(port)) as stub, PhyMemMode(stub):
         step = stub.packet_size // 2 - 32
         for offset in range(0, len(data), step):
             piece = data[offset : offset + step]
@@ -132,7 +140,7 @@ def phy_mem_mode(location: str) -> int:
 def interrupt_third_parse(monkeypatch) -> list[int]:
     """Ctrl-C at the third batch of ``m`` replies parsed, with more still in flight; returns the
     list that counts the batches."""
-    parse = RemoteStub._parse_memory_replies
+    parse = PipelinedReads._parse_memory_replies
     calls = []
 
     def interrupted(self, *args):
@@ -141,7 +149,7 @@ def interrupt_third_parse(monkeypatch) -> list[int]:
             raise KeyboardInterrupt
         return parse(self, *args)
 
-    monkeypatch.setattr(RemoteStub, "_parse_memory_replies", interrupted)
+    monkeypatch.setattr(PipelinedReads, "_parse_memory_replies", interrupted)
     return calls
 
 
@@ -277,14 +285,14 @@ def test_ram_map_reads_and_paths_agree_with_pmemsave(qemu, tmp_path):
     expected = qemu.pmemsave(tmp_path, address, length)
     assert expected[0xF800:0x12800] == pattern
     with open_through_plugin_manager(qemu.location) as fast:  # QEMU serves one client at a time
-        assert fast.path == "procmem", fast.fast_path_problem
+        assert fast.access() == Access("procmem", {}, 0.0)  # -S: QEMU was not running
         ram = fast.ram
         assert fast.read(address, length) == expected
     assert ram.dtype == np.uint64
     assert int(ram[-1, 1]) == 64 * MiB  # -m 64M: RAM to 64 MiB, minus the ROM shadow below 1 MiB
     assert int((ram[:, 1] - ram[:, 0]).sum()) == 64 * MiB - 0x40000
     with GdbStubSource("127.0.0.1", qemu.port, packets=True) as slow:
-        assert slow.path == "packets"
+        assert slow.access() == Access("packets", {"procmem": "not tried: packets was asked for"}, 0.0)
         assert np.array_equal(slow.ram, ram)
         assert slow.read(address, length) == expected
         with pytest.raises(SourceError, match="not in guest RAM"):
@@ -305,15 +313,16 @@ def test_fast_path_falls_back_to_packets(qemu, monkeypatch):
 
     failures = [
         (gdbstub, "peer_pid", lambda connection: None, "not a process on this host"),
-        (gdbstub.ProcessMemory, "__init__", lambda self, pid: (_ for _ in ()).throw(SourceError("no ptrace rights")), "no ptrace rights"),
-        (RemoteStub, "monitor", next_page, "memory differs from the stub's at 0x0"),
+        (procmem.ProcessMemory, "__init__", lambda self, pid: (_ for _ in ()).throw(SourceError("no ptrace rights")), "no ptrace rights"),
+        (RemoteStub, "monitor", next_page, "the first page at 0x0 differs from what the stub reads there"),
     ]
     for owner, name, replacement, reason in failures:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, replacement)
             with GdbStubSource("127.0.0.1", qemu.port) as source:
-                assert (source.path, source.qemu_pid) == ("packets", None)
-                assert reason in source.fast_path_problem
+                access = source.access()
+                assert (access.path, source.qemu_pid, list(access.passed_over)) == ("packets", None, ["procmem"])
+                assert reason in access.passed_over["procmem"]
                 assert source.read(0x200000, 8) == b"fallback"
 
 
@@ -323,7 +332,7 @@ def test_phy_mem_mode_restored_after_errors(qemu, monkeypatch):
     seed(qemu.location, 0x100000, b"\xa5" * 0x10000)
     with RemoteStub(host, port) as stub:
         stub.set_phy_mem_mode(1)
-        with pytest.raises(RuntimeError), stub.physical_memory(mode=0):
+        with pytest.raises(RuntimeError), PhyMemMode(stub, mode=0):
             assert stub.phy_mem_mode() == 0
             raise RuntimeError("injected")
         assert stub.phy_mem_mode() == 1
@@ -331,11 +340,11 @@ def test_phy_mem_mode_restored_after_errors(qemu, monkeypatch):
 
         # Ctrl-C in the middle of a pipelined read: replies still in flight are drained first.
         calls = interrupt_third_parse(monkeypatch)
-        with pytest.raises(KeyboardInterrupt), stub.physical_memory():
+        with pytest.raises(KeyboardInterrupt), PhyMemMode(stub):
             stub.read_memory(0x100000, 0x100000)  # at least 0x100000 / 0x800 / READ_WINDOW batches
         monkeypatch.undo()
         assert stub.phy_mem_mode() == 0
-        with stub.physical_memory():
+        with PhyMemMode(stub):
             assert stub.read_memory(0x100000, 0x10000) == b"\xa5" * 0x10000
         assert len(calls) == 3
 
@@ -438,6 +447,10 @@ def test_vm_left_as_found(running_qemu, qemu):
     with GdbStubSource("127.0.0.1", running_qemu.port):
         assert running_qemu.status() == "paused"
     assert running_qemu.status() == "running"
+    with GdbStubSource("127.0.0.1", running_qemu.port) as source:  # resumed once reading is done
+        source.reading_done()
+        assert running_qemu.status() == "running"
+        assert 0 < source.access().paused_seconds < 30
     with GdbStubSource("127.0.0.1", running_qemu.port, keep_stopped=True):
         pass
     assert running_qemu.status() == "paused"
@@ -597,12 +610,46 @@ def test_ctrl_c_while_numpy_views_the_receive_buffer(persistent_stub, monkeypatc
 def test_ctrl_c_with_a_broken_connection_warns_instead_of_hiding_it(persistent_stub, monkeypatch):
     stub = persistent_stub(running=False, connections=1)
     source = GdbStubSource("127.0.0.1", stub.port, packets=True)
-    monkeypatch.setattr(RemoteStub, "_resynchronize", lambda self: (_ for _ in ()).throw(SourceError("out of step")))
-    monkeypatch.setattr(RemoteStub, "_parse_memory_replies", lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(RspWire, "resynchronize", lambda self: (_ for _ in ()).throw(SourceError("out of step")))
+    monkeypatch.setattr(PipelinedReads, "_parse_memory_replies", lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         source.read(0, 0x100000)
     with pytest.warns(WindumpWarning, match=r"^out of step; PhyMemMode may be left at 1"):
         source.close()
+
+
+def test_reading_done_leaves_qemu_as_found_and_ends_the_pause(persistent_stub):
+    """Once reading is done, PhyMemMode is back and the VM that attaching stopped runs: the pause
+    access() reports ends there, and no read can follow."""
+    stub = persistent_stub(running=True)
+    source = GdbStubSource("127.0.0.1", stub.port)
+    try:
+        assert source.read(0x1000, 0x1000) == bytes(0x1000)
+        assert (stub.phy_mem_mode, stub.running) == (1, False)
+        source.reading_done()
+        assert (stub.phy_mem_mode, stub.running) == (0, True)
+        access = source.access()
+        # The stand-in stub runs in this process, which the same-host path never reads.
+        assert (access.path, access.passed_over) == ("packets", {"procmem": "QEMU is not a process on this host (or not visible to us)"})
+        assert 0 < access.paused_seconds == source.access().paused_seconds
+        with pytest.raises(RuntimeError, match=r"read after reading_done\(\)"):
+            source.read(0x1000, 8)
+    finally:
+        source.close()
+    assert (stub.accepted, stub.phy_mem_mode, stub.running) == (1, 0, True)
+
+
+@pytest.mark.parametrize("running, keep_stopped", [(False, False), (True, True)])
+def test_a_vm_not_resumed_stays_paused(persistent_stub, running, keep_stopped):
+    """A VM found paused reports no pause of windump's; with keep-stopped, one it stopped stays
+    stopped and its pause counts until reading was done."""
+    stub = persistent_stub(running=running)
+    with GdbStubSource("127.0.0.1", stub.port, keep_stopped=keep_stopped, packets=True) as source:
+        source.reading_done()
+        assert (stub.phy_mem_mode, stub.running) == (0, False)
+        paused = source.access().paused_seconds
+        assert (paused > 0) == running and paused == source.access().paused_seconds
+    assert not stub.running
 
 
 def test_a_reply_that_never_ends_is_cut_off():
@@ -622,8 +669,8 @@ def test_a_reply_that_never_ends_is_cut_off():
         thread.start()
         with RemoteStub("127.0.0.1", server.getsockname()[1], timeout=5) as remote:
             limit = 2 * 0x100 * 64 + (64 << 10)
-            assert remote.max_reply == limit
+            assert remote.wire.max_reply == limit
             with pytest.raises(SourceError, match=rf"a reply ran past {limit} bytes without ending"):
                 remote.command(b"qC")
-            assert len(remote._received) <= limit + (1 << 20)  # one receive past the limit at most
+            assert len(remote.wire.received) <= limit + (1 << 20)  # one receive past the limit at most
         thread.join(5)

@@ -12,10 +12,10 @@ import threading
 import pytest
 
 from windump_plugins.errors import SourceError
-from windump_plugins.sources.gdbstub import GdbStubSource
 from windump_plugins.live.rsp import RemoteStub
 from windump_plugins.live.rsppacket import checksum, decode, escape, frame
 from windump_plugins.live.targetxml import parse_target_description
+from windump_plugins.sources.gdbstub import GdbStubSource
 
 
 class FakeStub:

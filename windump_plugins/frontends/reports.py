@@ -29,13 +29,14 @@ def size_text(count: int) -> str:
 
 
 def access_text(access: Access | None) -> str:
-    """``from PATH (passed over NAME: why; ...), guest paused N s``: how the source read the guest."""
+    """``from PATH (passed over NAME: why; ...), guest paused N s``: how the source read the guest;
+    the pause only when windump itself paused a running guest (a guest found paused stays silent)."""
     if access is None:
         return ""
     text = f"from {access.path}"
     if access.passed_over:
         text += " (passed over " + "; ".join(f"{path}: {why}" for path, why in access.passed_over.items()) + ")"
-    if access.paused_seconds is not None:
+    if access.paused_seconds:
         text += f", guest paused {access.paused_seconds:.2f} s"
     return text
 

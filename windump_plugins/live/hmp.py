@@ -10,7 +10,7 @@ from typing import NamedTuple
 from ..errors import SourceError
 from ..pieces import PieceMap
 
-_FLATVIEW_ENTRY = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]+))?", re.M)
+_FLATVIEW_ENTRY = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ram\): (\S+)(?: @([0-9a-f]+))?", re.MULTILINE)
 _HOST_ADDRESS = re.compile(r"Host virtual address for 0x[0-9a-f]+ \(.*\) is (0x[0-9a-f]+)")
 
 
@@ -29,8 +29,8 @@ def parse_ram_map(text: str) -> list[RamRegion]:
     ROM, ROM devices, RAM devices and I/O are left out: reading MMIO has side effects, and a
     gdbstub in PhyMemMode answers even there, so whatever is called RAM here is trusted.
     """
-    for view in re.split(r"^FlatView #\d+\n", text, flags=re.M):
-        if re.search(r'^ AS "memory",', view, flags=re.M):
+    for view in re.split(r"^FlatView #\d+\n", text, flags=re.MULTILINE):
+        if re.search(r'^ AS "memory",', view, flags=re.MULTILINE):
             return [RamRegion(int(start, 16), int(last, 16) + 1, block, int(offset or "0", 16))
                     for start, last, block, offset in _FLATVIEW_ENTRY.findall(view)]
     raise SourceError('"info mtree -f" shows no flat view of address space "memory"')

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SourceError
@@ -68,7 +69,7 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
 
 
-def _process_vm_readv() -> ctypes._CFuncPtr | None:
+def _process_vm_readv() -> Callable[..., int] | None:
     """libc's ``process_vm_readv``, or None where the C library lacks it."""
     function = getattr(ctypes.CDLL(None, use_errno=True), "process_vm_readv", None)
     if function is not None:

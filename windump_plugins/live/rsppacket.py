@@ -16,7 +16,7 @@ for _digit in b"0123456789abcdefABCDEF":
     HEX_VALUE[_digit] = int(chr(_digit), 16)
 
 
-def checksum(payload: bytes) -> int:
+def checksum(payload: bytes | bytearray) -> int:
     """The packet checksum: the sum of the payload bytes modulo 256."""
     return sum(payload) & 0xFF
 
@@ -46,7 +46,7 @@ def read_request(address: int, length: int) -> bytes:
     return b"$%s#%02x" % (body, sum(body) & 0xFF)
 
 
-def decode(body: bytes, origin: str = "gdbstub") -> bytes:
+def decode(body: bytes | bytearray, origin: str = "gdbstub") -> bytes:
     """A received packet body with escapes undone and run lengths (``X*n``: ``n - 29`` more ``X``)
     expanded; ``origin`` starts the message of a body cut inside either."""
     if b"}" not in body and b"*" not in body:

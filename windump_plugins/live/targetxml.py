@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+
 @dataclass(frozen=True)
 class Register:
     """One register of the stub's target description: where it sits in a ``g`` reply."""
@@ -30,7 +31,7 @@ def _elements(document: bytes) -> Iterator[tuple[bytes, dict[str, str]]]:
 
     A pattern, not an XML parser: QEMU's ``target.xml`` uses the ``xi`` prefix without declaring it.
     """
-    document = re.sub(rb"<!--.*?-->", b"", document, flags=re.S)
+    document = re.sub(rb"<!--.*?-->", b"", document, flags=re.DOTALL)
     for match in _XML_ELEMENT.finditer(document):
         yield match[1], {name.decode(): value.decode() for name, value in _XML_ATTRIBUTE.findall(match[2])}
 

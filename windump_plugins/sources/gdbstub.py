@@ -1,9 +1,10 @@
 """The ``gdb://HOST:PORT`` source: a live QEMU guest read through QEMU's gdbstub.
 
-Attaching stops the VM. Guest RAM comes from ``info mtree -f``; reads go through the stub in
-physical-memory mode (``Qqemu.PhyMemMode:1``, restored on close), or, when QEMU runs on this host
-and lets us, straight from its process memory at the addresses ``gpa2hva`` gives. windump never
-writes guest memory.
+Attaching stops the VM. Guest RAM comes from ``info mtree -f``; reads go, when QEMU runs on this
+host and lets us, straight from its process memory at the addresses ``gpa2hva`` gives (the
+same-host path of :mod:`windump_plugins.live.samehost`, shared with ``qmp:``), else through the
+stub in physical-memory mode (``Qqemu.PhyMemMode:1``, restored once reading is done, see
+:mod:`windump_plugins.live.phymemmode`). windump never writes guest memory.
 """
 
 from __future__ import annotations
@@ -11,28 +12,28 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import time
 import urllib.parse
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
 
-from ..errors import SourceError, WindumpError
-from ..formats.dumpheader import PAGE_SIZE
-from ..errors import WindumpWarning
-from ..hookspecs import SourceKind, hookimpl
-from ..location import Option, address, host_and_port, parse_options, seconds
-from ..live.hmp import RamRegion, parse_host_address, parse_ram_map, ram_layout
-from ..live.procmem import ProcessMemory, peer_pid
-from ..live.rsp import RemoteStub
-from ..source import Access, CpuState, MemorySource
+from ..errors import SourceError, WindumpError, WindumpWarning
 from ..formats.vmcoreinfo import NOTE_HEADER_SIZE, parse_note
+from ..hookspecs import SourceKind, hookimpl
+from ..live.hmp import RamRegion, parse_ram_map, ram_layout
+from ..live.layers import MemoryPath, PathUnavailable, RamReader, open_first
+from ..live.packets import PacketRam
+from ..live.phymemmode import PhyMemMode
+from ..live.procmem import peer_pid
+from ..live.rsp import RemoteStub
+from ..live.samehost import same_host_ram
+from ..location import Option, address, host_and_port, parse_options, seconds
 from ..notescan import scan_for_note
-
-#: The ELF note header the guest driver puts before its dump header: namesz, descsz, type, name.
-
-
+from ..source import Access, CpuState, MemorySource
 
 #: gdb register names that CpuState spells differently.
 _REGISTER_NAMES = {"eflags": "rflags", "k_gs_base": "kernel_gs_base"}
@@ -55,7 +56,7 @@ OPTIONS = (
     Option("timeout", "seconds to wait for each reply of the stub", type=seconds, metavar="S", default="10"),
 )
 
-_HMP_CPU = re.compile(r"^CPU#(\d+)[ \t]*$", re.M)
+_HMP_CPU = re.compile(r"^CPU#(\d+)[ \t]*$", re.MULTILINE)
 _HMP_DEBUG_REGISTER = re.compile(r"\bDR([0-7])=([0-9a-fA-F]+)\b")
 
 
@@ -85,11 +86,13 @@ def parse_location(location: str) -> dict | None:
 
 class QemuStub(Protocol):
     """What :class:`GdbStubSource` needs of a connection to QEMU's gdbstub: :class:`RemoteStub`
-    (our own socket) or the adapter for gdb's connection in :mod:`windump_plugins.frontends.gdb`."""
+    (our own socket) or :class:`~windump_plugins.live.gdbconnection.GdbConnection` (gdb's)."""
 
     address: str
-    #: Whether attaching stopped a running VM (then closing our own connection resumes it).
-    stopped_running_vm: bool
+
+    @property
+    def stopped_running_vm(self) -> bool:
+        """Whether attaching stopped a running VM (then leaving resumes it, unless keep-stopped)."""
 
     def require_qemu(self) -> set[str]: ...
     def phy_mem_mode(self) -> int: ...
@@ -109,12 +112,16 @@ class QemuStub(Protocol):
 class GdbStubSource(MemorySource):
     """Guest physical memory and vCPU registers of a QEMU reached through its gdbstub.
 
-    ``path`` says how RAM is read: ``"procmem"`` (QEMU's process memory, same host) or
-    ``"packets"`` (``m`` requests through the stub), with ``fast_path_problem`` telling why the fast
-    path is not used. ``close()`` restores PhyMemMode and, when the VM was running when we attached
-    and ``keep_stopped`` is false, detaches so the guest runs on; a VM found paused stays paused.
-    When our connection was lost or left out of step, it does so over a fresh one.
-    :meth:`through` reads through a connection someone else holds (gdb's), which is never detached.
+    The stub connection is the base; guest RAM is read by the first of two readers that opens over
+    it, in this order: ``procmem`` (QEMU's process memory, same host) and ``packets`` (``m``
+    requests through the stub; ``packets`` forces it). :meth:`access` says which, and why.
+
+    Attaching switches the stub to physical memory (:class:`PhyMemMode`). Once reading is done
+    (:meth:`reading_done`, else :meth:`close`) PhyMemMode is restored and, when the VM was
+    running when we attached and ``keep_stopped`` is false, the stub is detached so the guest runs
+    on; a VM found paused stays paused. When our connection was lost or left out of step, that
+    happens over a fresh one. :meth:`through` reads through a connection someone else holds
+    (gdb's), which is never detached.
     """
 
     def __init__(
@@ -127,12 +134,13 @@ class GdbStubSource(MemorySource):
         packets: bool = False,
         timeout: float = 10.0,
     ) -> None:
-        self._setup(f"gdb://{host}:{port}", header_pa, packets)
+        self._setup(f"gdb://{host}:{port}", header_pa)
         self.keep_stopped = keep_stopped
-        self._endpoint = (host, port)
         try:
             with self._noting_interruptions():
-                self._attach(self._stack.enter_context(RemoteStub(host, port, timeout)), packets)
+                stub = self._stack.enter_context(RemoteStub(host, port, timeout))
+                self._attach(stub, packets, resume=not keep_stopped,
+                             reconnect=lambda: RemoteStub(host, port, timeout=RECONNECT_TIMEOUT))
         except BaseException:
             self._stack.close()
             raise
@@ -142,75 +150,65 @@ class GdbStubSource(MemorySource):
                 packets: bool = False) -> GdbStubSource:
         """A source reading through ``stub``, which it closes on :meth:`close`; the VM is never resumed."""
         source = cls.__new__(cls)
-        source._setup(description, header_pa, packets)
+        source._setup(description, header_pa)
         source.keep_stopped = True
         source._stack.callback(stub.close)
         try:
             with source._noting_interruptions():
-                source._attach(stub, packets)
+                source._attach(stub, packets, resume=False, reconnect=None)
         except BaseException:
             source._stack.close()
             raise
         return source
 
-    def _setup(self, description: str, header_pa: int | None, packets: bool) -> None:
+    def _setup(self, description: str, header_pa: int | None) -> None:
         self.description = description
         self.header_pa = header_pa
-        self.path = "packets"
-        self.fast_path_problem: str | None = "not tried (option packets)" if packets else None
         self.vmcoreinfo_address: int | None = None
         self.qemu_pid: int | None = None
-        self._process: ProcessMemory | None = None
         self._stack = contextlib.ExitStack()
-        #: Where to reconnect to leave QEMU as found; None through someone else's connection.
-        self._endpoint: tuple[str, int] | None = None
+        #: When windump attached, and when it was done with QEMU (PhyMemMode restored, VM resumed).
+        self._attached_at = time.monotonic()
+        self._left_at: float | None = None
         #: Whether anything but a WindumpError (Ctrl-C) left one of our reads midway.
         self._interrupted = False
 
-    def _attach(self, stub: QemuStub, packets: bool) -> None:
-        """Check it is QEMU, switch to physical memory (restored on close), learn the RAM map."""
+    def _attach(self, stub: QemuStub, packets: bool, *, resume: bool,
+                reconnect: Callable[[], AbstractContextManager[QemuStub]] | None) -> None:
+        """Check it is QEMU, switch to physical memory (until :meth:`_leave`), open a RAM reader."""
         self.stub = stub
         if "PhyMemMode" not in stub.require_qemu():
             raise SourceError(f"{self.description}: this QEMU gdbstub offers no PhyMemMode, so it cannot read physical memory (a newer QEMU can)")
-        self._saved_phy_mem_mode = stub.phy_mem_mode()
-        self._stack.callback(self._leave_qemu)
-        if self._saved_phy_mem_mode != 1:
-            stub.set_phy_mem_mode(1)
+        self._phy_mem_mode = PhyMemMode(stub, resume=resume, reconnect=reconnect)
+        self._stack.callback(self._leave)
         regions = parse_ram_map(stub.monitor("info mtree -f"))
         if not regions:
             raise SourceError(f"{self.description}: the guest has no RAM in \"info mtree -f\"")
-        self._layout = ram_layout(regions)
-        if not packets:
-            self._open_fast_path(regions)
+        paths: list[MemoryPath] = [
+            ("procmem", lambda: self._same_host_ram(regions)),
+            ("packets", lambda: PacketRam(stub, ram_layout(regions))),
+        ]
+        self._reader, self._passed_over = open_first(paths, forced="packets" if packets else None,
+                                                     description=self.description)
+        self._stack.callback(self._reader.close)
 
-    def _leave_qemu(self) -> None:
-        """Leave QEMU as found: PhyMemMode as saved, the VM resumed when we stopped it (unless
-        ``keep_stopped``).
+    def _same_host_ram(self, regions: list[RamRegion]) -> RamReader:
+        """QEMU's process memory, when QEMU is the local peer of the stub's TCP connection."""
+        connection = self.stub.connection
+        pid = None if connection is None else peer_pid(connection)
+        if pid is None:
+            raise PathUnavailable("QEMU is not a process on this host (or not visible to us)" if connection is not None
+                                  else "the connection to the stub is not a TCP socket of this process")
+        reader = same_host_ram(pid, regions, self.stub.monitor, trusted=self.stub.read_memory,
+                               whose="what the stub reads there", description=self.description)
+        self.qemu_pid = pid
+        return reader
 
-        PhyMemMode is global in QEMU and outlives our connection, so when that connection is lost
-        or out of step a fresh one restores it. If even that fails the error says so, except after
-        Ctrl-C, which must stay the outcome: then it is a warning.
-        """
-        try:
-            self._restore(self.stub)
-        except SourceError as lost:
-            if self._endpoint is None:
-                raise
-            self.stub.close()  # QEMU serves one client at a time
-            try:
-                with RemoteStub(*self._endpoint, timeout=RECONNECT_TIMEOUT) as fresh:
-                    self._restore(fresh)
-            except SourceError as failed:
-                message = f"{lost}; PhyMemMode may be left at 1 for the next debugger (reconnecting failed: {failed})"
-                if not self._interrupted:
-                    raise SourceError(message) from None
-                warnings.warn(message, WindumpWarning, stacklevel=2)
-
-    def _restore(self, stub: QemuStub) -> None:
-        if self._saved_phy_mem_mode != 1:
-            stub.set_phy_mem_mode(self._saved_phy_mem_mode)
-        if self.stub.stopped_running_vm and not self.keep_stopped:
-            stub.detach()
+    def _leave(self) -> None:
+        """Leave QEMU as found (see :class:`PhyMemMode`), once."""
+        if self._left_at is None:
+            self._left_at = time.monotonic()
+            self._phy_mem_mode.leave(interrupted=self._interrupted)
 
     @contextlib.contextmanager
     def _noting_interruptions(self) -> Iterator[None]:
@@ -222,57 +220,36 @@ class GdbStubSource(MemorySource):
             self._interrupted = True
             raise
 
-    def _open_fast_path(self, regions: list[RamRegion]) -> None:
-        """Switch reads to ``/proc/PID/mem`` of QEMU when it is local, mapped and agrees with the stub."""
-        connection = self.stub.connection
-        pid = None if connection is None else peer_pid(connection)
-        if pid is None:
-            self.fast_path_problem = ("QEMU is not a process on this host (or not visible to us)" if connection is not None
-                                      else "the connection to the stub is not a TCP socket of this process")
-            return
-        host_addresses = []
-        for region in regions:
-            address = parse_host_address(self.stub.monitor(f"gpa2hva {region.start:#x}"))
-            if address is None:
-                self.fast_path_problem = f"gpa2hva gives no host address for {region.block} at {region.start:#x}"
-                return
-            host_addresses.append(address)
-        try:
-            process = ProcessMemory(pid)
-        except SourceError as error:
-            self.fast_path_problem = str(error)
-            return
-        self._stack.callback(process.close)
-        self._host_addresses = host_addresses
-        try:
-            for region, host in zip(regions, host_addresses):
-                probe = min(PAGE_SIZE, region.end - region.start)
-                direct = bytearray(probe)
-                process.readinto(host, memoryview(direct))
-                if direct != self.stub.read_memory(region.start, probe):
-                    self.fast_path_problem = (f"process {pid} memory differs from the stub's at {region.start:#x} "
-                                              f"({region.block})")
-                    return
-        except SourceError as error:
-            self.fast_path_problem = str(error)
-            return
-        self._process = process
-        self.path = "procmem"
-        self.qemu_pid = pid
+    def access(self) -> Access:
+        """The RAM path, why ``procmem`` was passed over, and the seconds the guest was paused: from
+        attaching until windump was done with QEMU when attaching stopped a running VM (with
+        keep-stopped it stays paused after), 0.0 when the VM was stopped already (by gdb too)."""
+        paused = 0.0
+        if self.stub.stopped_running_vm:
+            paused = (self._left_at if self._left_at is not None else time.monotonic()) - self._attached_at
+        return Access(self._reader.name, dict(self._passed_over), paused)
+
+    @property
+    def path(self) -> str:
+        """The RAM path's name (see :meth:`access`)."""
+        return self._reader.name
+
+    @property
+    def fast_path_problem(self) -> str | None:
+        """Why the same-host path was passed over, or None when it serves."""
+        return self._passed_over.get("procmem")
 
     @property
     def ram(self) -> np.ndarray:
-        return self._layout.ram
+        return self._reader.ram
 
     def readinto(self, address: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
         self.check_range(address, len(view))
-        if self._process is None:
-            with self._noting_interruptions():
-                self.stub.readinto(address, view)
-            return
-        for region, offset, inside, length in self._layout.split(address, len(view)):
-            self._process.readinto(self._host_addresses[region] + inside, view[offset : offset + length])
+        if self._left_at is not None:
+            raise RuntimeError(f"{self.description}: guest RAM read after reading_done()")
+        with self._noting_interruptions():
+            self._reader.readinto(address, view)
 
     def vmcoreinfo(self) -> bytes | None:
         """The guest's VMCOREINFO note: at ``header_pa`` (the note's or its dump header's address)
@@ -327,9 +304,9 @@ class GdbStubSource(MemorySource):
                           f"{', '.join(missing)}: its CONTEXT carries no debug registers", WindumpWarning, stacklevel=3)
         return [registers for _, registers in blocks]
 
-    def access(self) -> Access:
-        passed_over = {"procmem": self.fast_path_problem} if self.path != "procmem" and self.fast_path_problem else {}
-        return Access(self.path, passed_over)
+    def reading_done(self) -> None:
+        """Leave QEMU as found now, so the guest is paused no longer than the reads took."""
+        self._leave()
 
     def close(self) -> None:
         self._stack.close()
