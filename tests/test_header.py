@@ -11,7 +11,8 @@ from test_paging import KERNEL, KIB4, MIB2, FakeMemory, PageTables
 from windump_plugins.formats import dumpheader as fmt
 from windump_plugins.errors import FormatError, WindumpError
 from windump_plugins.guest.model import BUGCHECK_PARAMETERS, CrashedGuest
-from windump_plugins.headers.published import PreparedHeader, prepare_header
+from windump_plugins.headers.published import prepare_header
+from windump_plugins.hookspecs import HeaderCandidate
 from windump_plugins.errors import WindumpWarning
 from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, encode_kdbg
 from windump_plugins.sources.sample import SampleSource
@@ -89,7 +90,7 @@ def publish(guest: PublishingGuest) -> None:
     guest.note = note_of(fmt.header_bytes(guest.header))
 
 
-def prepare(guest: PublishingGuest) -> PreparedHeader:
+def prepare(guest: PublishingGuest) -> HeaderCandidate:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return prepare_header(guest)

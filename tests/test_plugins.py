@@ -10,7 +10,7 @@ import pytest
 
 from windump_plugins.errors import SourceError, WindumpError
 from windump_plugins.hookspecs import SourceKind, hookimpl
-from windump_plugins.plugins import PluginError, Plugins, PluginWarning, load_plugins
+from windump_plugins.plugins import CORE_PLUGINS, PluginError, Plugins, PluginWarning, load_plugins
 from windump_plugins.source import MemorySource
 
 
@@ -207,8 +207,9 @@ def test_broken_entry_point_only_warns(fake_distribution):
         "plugin broken (fakeplugs 1.2) failed to load: "
         "ModuleNotFoundError: No module named 'windump_test_no_such_module'"
     ]
-    (info,) = plugins.describe()
+    (info,) = [info for info in plugins.describe() if info.name not in CORE_PLUGINS]
     assert (info.name, info.dist, info.version, info.module) == ("good", "fakeplugs", "1.2", "windump_test_goodplug")
+    assert info.hooks == ("windump_source_kinds",)
     assert [kind.pattern for kind in plugins.kinds()] == ["good:"]
 
 
@@ -225,16 +226,25 @@ def test_environment_selects_plugins(fake_distribution):
     assert "good" not in load_plugins({"WINDUMP_DISABLE_PLUGINS": "good,broken"}, warn=others.append).names()
     assert not [message for message in others if "fakeplugs" in message]
     messages: list[str] = []
-    assert load_plugins({"WINDUMP_PLUGINS": "good"}, warn=messages.append).names() == ["good"]
-    assert load_plugins({"WINDUMP_PLUGINS": ""}, warn=messages.append).names() == []
+    # The core plugins (the published header, the full format) load whatever WINDUMP_PLUGINS says.
+    assert load_plugins({"WINDUMP_PLUGINS": "good"}, warn=messages.append).names() == ["full", "good", "published"]
+    assert load_plugins({"WINDUMP_PLUGINS": ""}, warn=messages.append).names() == ["full", "published"]
     assert messages == []
-    assert load_plugins({"WINDUMP_PLUGINS": "good,absent"}, warn=messages.append).names() == ["good"]
+    assert load_plugins({"WINDUMP_PLUGINS": "good,absent"}, warn=messages.append).names() == ["full", "good", "published"]
     assert messages == ["WINDUMP_PLUGINS names plugin absent, but no installed plugin has that name"]
+    # Only WINDUMP_DISABLE_PLUGINS skips them.
+    assert load_plugins({"WINDUMP_PLUGINS": "good", "WINDUMP_DISABLE_PLUGINS": "published"},
+                        warn=messages.append).names() == ["full", "good"]
 
 
 def test_builtin_plugins_come_from_entry_points():
     names = load_plugins({"WINDUMP_PLUGINS": "elf,sample"}, warn=pytest.fail).names()
-    assert names == ["elf", "sample"]
+    assert names == ["elf", "full", "published", "sample"]
+    core = load_plugins({"WINDUMP_PLUGINS": "elf"}, warn=pytest.fail, core_only=True)
+    assert core.names() == sorted(CORE_PLUGINS)
+    hooks = {info.name: (info.dist, info.module, info.hooks) for info in core.describe()}
+    assert hooks == {"published": ("windump", "windump_plugins.headers.published", ("windump_dump_header",)),
+                     "full": ("windump", "windump_plugins.outputs.full", ("windump_output_formats",))}
 
 
 def test_spec_that_is_neither_file_nor_location_names_the_path(tmp_path):

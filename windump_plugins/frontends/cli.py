@@ -103,7 +103,7 @@ def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     source = plugins.open_source(args.source)
     try:
         with progress_bar(os.path.basename(args.output), enabled=not args.quiet) as progress:
-            report = save(source, args.output, force=args.force, progress=progress, context_cpu=args.context_cpu)
+            report = save(source, args.output, plugins=plugins, force=args.force, progress=progress, context_cpu=args.context_cpu)
     finally:
         source.close()
     if not args.quiet:
