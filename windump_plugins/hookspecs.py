@@ -133,10 +133,10 @@ class OutputFormat(abc.ABC):
 def windump_open_location(location: str) -> MemorySource | None:
     """Open ``location``, a ``SCHEME:REST`` string such as ``sample:`` or ``gdb://127.0.0.1:1234``.
 
-    *Who handles this?* Return a :class:`~windump_plugins.source.MemorySource` when the scheme is
-    yours, None otherwise; the first plugin that returns a source wins. Once you claim a location,
-    report a failure to open it by raising :class:`~windump_plugins.errors.WindumpError` with a
-    one-line message, not by returning None.
+    *Who handles this?* (``firstresult``) Return a :class:`~windump_plugins.source.MemorySource`
+    when the scheme is yours, None otherwise; the first plugin that returns a source wins. Once you
+    claim a location, report a failure to open it by raising
+    :class:`~windump_plugins.errors.WindumpError` with a one-line message, not by returning None.
     """
 
 
@@ -144,11 +144,11 @@ def windump_open_location(location: str) -> MemorySource | None:
 def windump_open_file(path: str, head: bytes) -> MemorySource | None:
     """Open the regular file ``path`` if its content is a format you read.
 
-    *Who handles this?* ``head`` holds the file's first bytes (up to 4096, fewer for a shorter
-    file), so you can recognise a format by its magic without opening the file. Return None for
-    content that is not yours; the first plugin that returns a source wins. Once you recognise the
-    format, report damage by raising :class:`~windump_plugins.errors.WindumpError` (e.g. a
-    truncated file).
+    *Who handles this?* (``firstresult``) ``head`` holds the file's first bytes (up to 4096, fewer
+    for a shorter file), so you can recognise a format by its magic without opening the file. Return
+    None for content that is not yours; the first plugin that returns a source wins. Once you
+    recognise the format, report damage by raising :class:`~windump_plugins.errors.WindumpError`
+    (e.g. a truncated file).
     """
 
 
@@ -156,9 +156,9 @@ def windump_open_file(path: str, head: bytes) -> MemorySource | None:
 def windump_source_kinds() -> list[SourceKind]:
     """The sources this plugin opens, for ``windump save --help`` and ``windump plugins``.
 
-    *Collecting:* every plugin is asked and all the lists are shown, in call order; return an empty
-    list (or None) when you open nothing the user names. Called whenever help is shown, so do no
-    I/O here.
+    *Collecting* (not ``firstresult``): every plugin is asked and all the lists are shown, in call
+    order; return an empty list (or None) when you open nothing the user names. Called whenever help
+    is shown, so do no I/O here.
     """
 
 
@@ -166,15 +166,16 @@ def windump_source_kinds() -> list[SourceKind]:
 def windump_dump_header(source: MemorySource) -> HeaderCandidate | None:
     """Build the crash-dump header of the guest in ``source``.
 
-    *Collecting:* every plugin is asked. windump takes one candidate, by
-    :attr:`~HeaderCandidate.method` in its declared order (``published``, then ``symbols``, then
-    the others in call order), and checks the others against it, warning where they disagree.
+    *Collecting* (not ``firstresult``): every plugin is asked. windump takes one candidate, by
+    :attr:`~HeaderCandidate.method` in its declared order (``published``, then ``symbols``, then the
+    others in call order), and checks the others against it, warning where they disagree.
 
-    Return None when your method does not apply to this source. When it should apply but cannot
-    (the guest published no header, the kernel cannot be found), raise
-    :class:`~windump_plugins.errors.WindumpError` saying why in one line: windump shows that
-    message when no method succeeds. Only read from ``source``: never write guest memory, and
-    keep the reads few, since a live guest may be paused meanwhile.
+    Return None when your method does not apply to this source. When it should apply but cannot (the
+    guest published no header, the kernel cannot be found), raise
+    :class:`~windump_plugins.errors.WindumpError` saying why in one line: when no method succeeds,
+    windump shows the most trusted one's message (a failure is ranked by its plugin's name, so name
+    the plugin after its method). Only read from ``source``: never write guest memory, and keep the
+    reads few, since a live guest may be paused meanwhile.
     """
 
 
@@ -182,8 +183,7 @@ def windump_dump_header(source: MemorySource) -> HeaderCandidate | None:
 def windump_output_formats() -> list[OutputFormat]:
     """The crash-dump file formats this plugin writes.
 
-    *Collecting:* every plugin is asked; windump looks formats up by
-    :attr:`~OutputFormat.name` (the first offered wins, a second of the same name is warned
-    about). Return an empty list (or None) when you offer none. Called before every dump, so do no
-    I/O here.
+    *Collecting* (not ``firstresult``): every plugin is asked; windump looks formats up by
+    :attr:`~OutputFormat.name` (the first offered wins, a second of the same name is warned about).
+    Return an empty list (or None) when you offer none. Called before every dump, so do no I/O here.
     """

@@ -381,12 +381,20 @@ class Plugins:
         return source
 
 
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 120
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 100
+
+#: Characters of a traced value shown.
+TRACE_WIDTH = 200
+
+
+def _short(value: object) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= TRACE_WIDTH else text[:TRACE_WIDTH - 3] + "..."
 
 
 def _trace_call(hook: str, implementations: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
-    arguments = ", ".join(f"{name}={_SHORT.repr(value)}" for name, value in kwargs.items())
+    arguments = ", ".join(f"{name}={_short(value)}" for name, value in kwargs.items())
     asked = ", ".join(impl.plugin_name for impl in reversed(implementations)) or "no implementation"
     print(f"windump: trace: {hook}({arguments}) asks {asked}", file=sys.stderr)
 
@@ -394,5 +402,5 @@ def _trace_call(hook: str, implementations: Sequence[pluggy.HookImpl], kwargs: M
 def _trace_result(outcome: pluggy.Result[Any], hook: str, implementations: Sequence[pluggy.HookImpl],
                   kwargs: Mapping[str, Any]) -> None:
     exception = outcome.exception
-    said = f"raised {type(exception).__name__}: {exception}" if exception else f"-> {_SHORT.repr(outcome.get_result())}"
+    said = f"raised {type(exception).__name__}: {exception}" if exception else f"-> {_short(outcome.get_result())}"
     print(f"windump: trace: {hook} {said}", file=sys.stderr)
