@@ -14,7 +14,7 @@ from windump_plugins.errors import FormatError, WindumpError
 from windump_plugins.guest.model import BUGCHECK_PARAMETERS, CrashedGuest
 from windump_plugins.headers.choice import choose_header
 from windump_plugins.headers.published import NO_NOTE_MESSAGE, prepare_header
-from windump_plugins.plugins import HookFailure
+from windump_plugins.hookcalls import HookFailure
 from windump_plugins.hookspecs import HeaderCandidate
 from windump_plugins.errors import WindumpWarning
 from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, encode_kdbg

@@ -3,6 +3,7 @@ how a source name becomes an open source."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -15,7 +16,13 @@ import pytest
 
 from windump_plugins.errors import SourceError, WindumpError
 from windump_plugins.hookspecs import SourceKind, hookimpl
-from windump_plugins.plugins import CORE_PLUGINS, PluginError, Plugins, PluginWarning, load_plugins
+from windump_plugins.plugins import (
+    CORE_PLUGINS,
+    PluginError,
+    Plugins,
+    PluginWarning,
+    load_plugins,
+)
 from windump_plugins.source import MemorySource
 
 
@@ -412,9 +419,15 @@ def test_every_public_name_resolves_to_its_defining_module():
     assert windump_plugins.FileMapSource is filemap.FileMapSource
     assert windump_plugins.SourceError is errors.SourceError
     assert windump_plugins.scan_for_note is notescan.scan_for_note
+    assert set(windump_plugins.__all__) == {"__version__", *windump_plugins._API}
     for name in windump_plugins.__all__:
         assert getattr(windump_plugins, name) is not None, name
     assert set(windump_plugins.__all__) <= set(dir(windump_plugins))
+    # What type checkers see names the same things.
+    tree = ast.parse(Path(windump_plugins.__file__).read_text())
+    checked = {alias.asname: f"{node.module}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and node.level == 1 for alias in node.names if alias.asname}
+    assert checked == windump_plugins._API
     with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
         windump_plugins.nothing_here  # noqa: B018
 

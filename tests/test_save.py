@@ -19,7 +19,7 @@ from windump_plugins.guest.model import CrashedGuest
 from windump_plugins.headers.choice import NO_HEADER_MESSAGE
 from windump_plugins.headers.published import NO_NOTE_MESSAGE, prepare_header
 from windump_plugins.hookspecs import Layout, OutputFormat, hookimpl
-from windump_plugins.plugins import Plugins, PluginError, load_plugins
+from windump_plugins.plugins import PluginError, Plugins, load_plugins
 from windump_plugins.save import save
 from windump_plugins.sources.sample import SampleSource
 from windump_plugins.verify import verify_dump

@@ -45,15 +45,30 @@ _API = {
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
-    from .errors import FormatError, SourceError, TranslationError, WindumpError, WindumpWarning
-    from .filemap import FileMap, FileMapSource
-    from .formats.dumpheader import PAGE_SIZE
-    from .formats.vmcoreinfo import parse_note
-    from .hookspecs import HeaderCandidate, Layout, OutputFormat, SourceKind, hookimpl
-    from .notescan import scan_for_note
-    from .paging import AddressSpace
-    from .plugins import PluginError, Plugins, PluginWarning
-    from .source import Access, CpuState, FileExtent, MemorySource, check_in_ram
+    from .errors import FormatError as FormatError
+    from .errors import SourceError as SourceError
+    from .errors import TranslationError as TranslationError
+    from .errors import WindumpError as WindumpError
+    from .errors import WindumpWarning as WindumpWarning
+    from .filemap import FileMap as FileMap
+    from .filemap import FileMapSource as FileMapSource
+    from .formats.dumpheader import PAGE_SIZE as PAGE_SIZE
+    from .formats.vmcoreinfo import parse_note as parse_note
+    from .hookspecs import HeaderCandidate as HeaderCandidate
+    from .hookspecs import Layout as Layout
+    from .hookspecs import OutputFormat as OutputFormat
+    from .hookspecs import SourceKind as SourceKind
+    from .hookspecs import hookimpl as hookimpl
+    from .notescan import scan_for_note as scan_for_note
+    from .paging import AddressSpace as AddressSpace
+    from .plugins import PluginError as PluginError
+    from .plugins import Plugins as Plugins
+    from .plugins import PluginWarning as PluginWarning
+    from .source import Access as Access
+    from .source import CpuState as CpuState
+    from .source import FileExtent as FileExtent
+    from .source import MemorySource as MemorySource
+    from .source import check_in_ram as check_in_ram
 
 
 def __getattr__(name: str) -> Any:
@@ -70,4 +85,31 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
 
 
-__all__ = ["__version__", *_API]
+#: The names the package exports (tests check it lists exactly ``_API``).
+__all__ = [
+    "PAGE_SIZE",
+    "Access",
+    "AddressSpace",
+    "CpuState",
+    "FileExtent",
+    "FileMap",
+    "FileMapSource",
+    "FormatError",
+    "HeaderCandidate",
+    "Layout",
+    "MemorySource",
+    "OutputFormat",
+    "PluginError",
+    "PluginWarning",
+    "Plugins",
+    "SourceError",
+    "SourceKind",
+    "TranslationError",
+    "WindumpError",
+    "WindumpWarning",
+    "__version__",
+    "check_in_ram",
+    "hookimpl",
+    "parse_note",
+    "scan_for_note",
+]

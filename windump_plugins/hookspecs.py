@@ -153,7 +153,7 @@ def windump_open_file(path: str, head: bytes) -> MemorySource | None:
 
 
 @hookspec
-def windump_source_kinds() -> list[SourceKind]:
+def windump_source_kinds() -> list[SourceKind] | None:
     """The sources this plugin opens, for ``windump save --help`` and ``windump plugins``.
 
     *Collecting* (not ``firstresult``): every plugin is asked and all the lists are shown, in call
@@ -180,7 +180,7 @@ def windump_dump_header(source: MemorySource) -> HeaderCandidate | None:
 
 
 @hookspec
-def windump_output_formats() -> list[OutputFormat]:
+def windump_output_formats() -> list[OutputFormat] | None:
     """The crash-dump file formats this plugin writes.
 
     *Collecting* (not ``firstresult``): every plugin is asked; windump looks formats up by

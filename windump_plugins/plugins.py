@@ -1,23 +1,20 @@
-"""The plugin manager: loads the ``windump`` entry points into pluggy, guards each hook
-implementation as it registers it, and is the only way the rest of windump asks the plugins anything.
+"""The plugin manager: loads the ``windump`` entry points into pluggy and is the only way the rest
+of windump asks the plugins anything.
 
 Hooks are called through pluggy (``manager.hook.NAME(...)``), so wrappers, ``manager.trace`` and
 hook-call monitoring see every call. A plugin that fails to import or implements a misspelled hook is
-skipped with a warning; an implementation that raises is named in a one-line PluginError, and in a
-collecting hook the other plugins' answers survive it. ``WINDUMP_TRACE_PLUGINS=1`` prints each hook
-call and its result to stderr.
+skipped with a warning; each implementation is guarded as its plugin registers (:mod:`.hookcalls`):
+one that raises is named in a one-line PluginError, and in a collecting hook the other plugins'
+answers survive it. ``WINDUMP_TRACE_PLUGINS=1`` prints each hook call and its result to stderr.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-import reprlib
 import stat
-import sys
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -26,6 +23,14 @@ import pluggy
 
 from . import hookspecs
 from .errors import SourceError, WindumpError
+from .hookcalls import (
+    HookFailure,
+    HookGuard,
+    PluginError,
+    reason,
+    trace_call,
+    trace_result,
+)
 from .hookspecs import PROJECT, HeaderCandidate, OutputFormat, SourceKind
 from .source import MemorySource
 
@@ -59,10 +64,6 @@ class PluginWarning(UserWarning):
     implementation of a collecting hook failed while the others answered."""
 
 
-class PluginError(WindumpError):
-    """A plugin raised something other than a WindumpError, or returned the wrong thing."""
-
-
 @dataclass(frozen=True)
 class PluginInfo:
     """One loaded plugin as ``windump plugins`` lists it; ``dist`` and ``version`` are None for a
@@ -75,28 +76,6 @@ class PluginInfo:
     kinds: tuple[SourceKind, ...]
     #: The hooks it implements, by name.
     hooks: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class HookFailure:
-    """An implementation of a collecting hook that raised: its plugin's name and the one-line error."""
-
-    plugin: str
-    error: WindumpError
-
-
-def _reason(exc: BaseException) -> str:
-    """One line that says what an exception was, for messages about someone else's code."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def blame(owner: str, exc: BaseException) -> PluginError:
-    """The one-line PluginError for an unexpected exception in ``owner``'s code (``plugin NAME``),
-    caused by ``exc``."""
-    error = PluginError(f"{owner} failed: {_reason(exc)}")
-    error.__cause__ = exc
-    return error
 
 
 def _warn(message: str) -> None:
@@ -141,35 +120,6 @@ def load_plugins(
     return plugins
 
 
-def _one_of(kind: type, what: str) -> Callable[[object], str | None]:
-    return lambda result: None if isinstance(result, kind) else f"{type(result).__name__}, not {what}"
-
-
-def _list_of(kind: type, what: str) -> Callable[[object], str | None]:
-    def check(result: object) -> str | None:
-        if not isinstance(result, (list, tuple)):
-            return f"{type(result).__name__}, not {what}"
-        wrong = next((item for item in result if not isinstance(item, kind)), None)
-        return None if wrong is None else f"a list holding {type(wrong).__name__}, not {what}"
-
-    return check
-
-
-#: How each hook's implementations must answer (None always may): what the guard checks.
-_ANSWERS: dict[str, Callable[[object], str | None]] = {
-    "windump_open_location": _one_of(MemorySource, "a MemorySource"),
-    "windump_open_file": _one_of(MemorySource, "a MemorySource"),
-    "windump_source_kinds": _list_of(SourceKind, "a list of SourceKind"),
-    "windump_dump_header": _one_of(HeaderCandidate, "a HeaderCandidate"),
-    "windump_output_formats": _list_of(OutputFormat, "a list of OutputFormat"),
-}
-
-
-class _Guarded:
-    """What the manager registers for a plugin: its hook implementations, each behind a guard, as
-    attributes of the same names (the plugin itself stays untouched)."""
-
-
 class Plugins:
     """A typed facade over pluggy's PluginManager: the calls windump makes, each guarded.
 
@@ -186,10 +136,9 @@ class Plugins:
         self._origins: dict[str, tuple[str | None, str | None]] = {}
         #: Plugin name -> the plugin as written (the manager holds its guarded stand-in).
         self._plugins: dict[str, object] = {}
-        #: Failures of the collecting call under way (None: no such call, so a failure raises).
-        self._failures: list[HookFailure] | None = None
+        self._guard = HookGuard()
         if trace:
-            self.manager.add_hookcall_monitoring(_trace_call, _trace_result)
+            self.manager.add_hookcall_monitoring(trace_call, trace_result)
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -201,7 +150,7 @@ class Plugins:
             self._register(entry_point.load(), entry_point.name)
         except Exception as exc:  # a broken plugin must not stop windump: say so and go on
             where = f"{origin[0]} {origin[1]}" if dist is not None else "unknown distribution"
-            self._warn(f"plugin {entry_point.name} ({where}) failed to load: {_reason(exc)}")
+            self._warn(f"plugin {entry_point.name} ({where}) failed to load: {reason(exc)}")
             return
         self._origins[entry_point.name] = origin
 
@@ -234,65 +183,10 @@ class Plugins:
         return sorted(name for name, _ in self.manager.list_name_plugin())
 
     def _register(self, plugin: object, name: str) -> None:
-        stand_in = _Guarded()
-        for attribute in dir(plugin):
-            options = self.manager.parse_hookimpl_opts(plugin, attribute)
-            if options is None:
-                continue
-            hook = options.get("specname") or attribute
-            caller = getattr(self.manager.hook, hook, None)
-            firstresult = caller is not None and caller.spec is not None and caller.spec.opts.get("firstresult")
-            guarded = self._guard(getattr(plugin, attribute), name, hook, bool(firstresult),
-                                  bool(options.get("wrapper") or options.get("hookwrapper")))
-            setattr(stand_in, attribute, hookspecs.hookimpl(guarded, **options))
-        self.manager.register(stand_in, name=name)
+        self.manager.register(self._guard.stand_in(self.manager, plugin, name), name=name)
         self._plugins[name] = plugin
 
-    def _guard(self, function: Callable[..., Any], plugin: str, hook: str, firstresult: bool,
-               wrapper: bool) -> Callable[..., Any]:
-        """``function`` behind a guard: an unexpected exception or a wrong answer becomes a PluginError
-        naming ``plugin``; in a collecting call, a failure is recorded and the call goes on."""
-        owner = f"plugin {plugin}"
-        answers = _ANSWERS.get(hook, lambda result: None)
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                result = function(*args, **kwargs)
-                wrong = None if result is None else answers(result)
-                if wrong is not None:
-                    raise PluginError(f"{owner} failed: {hook} returned {wrong}")
-                return result
-            except WindumpError as error:
-                return self._failed(HookFailure(plugin, error), firstresult)
-            except Exception as exc:
-                return self._failed(HookFailure(plugin, blame(owner, exc)), firstresult)
-
-        def guarded_wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return (yield from function(*args, **kwargs))
-            except WindumpError:
-                raise
-            except Exception as exc:
-                raise blame(owner, exc) from exc
-
-        # pluggy reads the arguments an implementation takes through ``__wrapped__``.
-        return functools.update_wrapper(guarded_wrapper if wrapper else guarded, function)
-
-    def _failed(self, failure: HookFailure, firstresult: bool) -> None:
-        if firstresult or self._failures is None:
-            raise failure.error
-        self._failures.append(failure)
-
     # -- hook calls -----------------------------------------------------------------------------
-
-    def _collect(self, hook: Callable[..., list[Any]], **kwargs: Any) -> tuple[list[Any], list[HookFailure]]:
-        """Every implementation's answer to a collecting ``hook`` (None dropped), and the failures."""
-        outer, self._failures = self._failures, []
-        try:
-            answers = hook(**kwargs)
-        finally:
-            failures, self._failures = self._failures, outer
-        return answers, failures
 
     def _warn_failures(self, failures: Sequence[HookFailure]) -> None:
         for failure in failures:
@@ -300,7 +194,7 @@ class Plugins:
 
     def _kinds_of(self, hook: Callable[..., list[Any]]) -> list[SourceKind]:
         try:
-            answers, failures = self._collect(hook)
+            answers, failures = self._guard.collect(hook)
         except WindumpError as error:  # a hook wrapper failed: help text goes on without kinds
             answers, failures = [], [HookFailure("", error)]
         self._warn_failures(failures)
@@ -326,11 +220,11 @@ class Plugins:
 
     def header_candidates(self, source: MemorySource) -> tuple[list[HeaderCandidate], list[HookFailure]]:
         """Every plugin's dump header for ``source``, in call order, and the implementations that failed."""
-        return self._collect(self.manager.hook.windump_dump_header, source=source)
+        return self._guard.collect(self.manager.hook.windump_dump_header, source=source)
 
     def output_formats(self) -> dict[str, OutputFormat]:
         """The output formats the plugins offer, by name (the first offered of a name wins)."""
-        answers, failures = self._collect(self.manager.hook.windump_output_formats)
+        answers, failures = self._guard.collect(self.manager.hook.windump_output_formats)
         self._warn_failures(failures)
         formats: dict[str, OutputFormat] = {}
         for output_format in (output_format for offered in answers for output_format in offered):
@@ -381,26 +275,3 @@ class Plugins:
         return source
 
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 100
-
-#: Characters of a traced value shown.
-TRACE_WIDTH = 200
-
-
-def _short(value: object) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= TRACE_WIDTH else text[:TRACE_WIDTH - 3] + "..."
-
-
-def _trace_call(hook: str, implementations: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
-    arguments = ", ".join(f"{name}={_short(value)}" for name, value in kwargs.items())
-    asked = ", ".join(impl.plugin_name for impl in reversed(implementations)) or "no implementation"
-    print(f"windump: trace: {hook}({arguments}) asks {asked}", file=sys.stderr)
-
-
-def _trace_result(outcome: pluggy.Result[Any], hook: str, implementations: Sequence[pluggy.HookImpl],
-                  kwargs: Mapping[str, Any]) -> None:
-    exception = outcome.exception
-    said = f"raised {type(exception).__name__}: {exception}" if exception else f"-> {_short(outcome.get_result())}"
-    print(f"windump: trace: {hook} {said}", file=sys.stderr)

@@ -21,8 +21,9 @@ from .errors import WindumpError, WindumpWarning
 from .formats.kdbg import KDDEBUGGER_DATA64
 from .fresh import freshen_header
 from .headers.choice import choose_header
+from .hookcalls import PluginError, blame
 from .hookspecs import Layout, OutputFormat
-from .plugins import PluginError, Plugins, blame, load_plugins
+from .plugins import Plugins, load_plugins
 from .processors import context_overlays, find_processors
 from .source import Access, MemorySource
 from .writer import DumpWriter, ProgressCallback, Writeback

@@ -20,6 +20,7 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Self
 
 import numpy as np
 
@@ -98,7 +99,7 @@ class DumpWriter:
             self.close()
             raise
 
-    def __enter__(self) -> DumpWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -160,6 +161,7 @@ class DumpWriter:
                 os.fsync(self.fd)
                 os.close(self.fd)
                 self.fd = -1
+                assert self.temp_name is not None  # set with fd
                 _install(self.dir_fd, self.temp_name, self.name, self.target, self.force)
                 os.fsync(self.dir_fd)
             self.committed = True

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import WindumpError, WindumpWarning
+from ..hookcalls import HookFailure, PluginError
 from ..hookspecs import HeaderCandidate
-from ..plugins import HookFailure, PluginError
 
 logger = logging.getLogger(__name__)
 

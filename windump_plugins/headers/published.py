@@ -14,14 +14,14 @@ import warnings
 
 import numpy as np
 
-from ..formats import dumpheader as fmt
 from ..errors import FormatError, WindumpError, WindumpWarning
-from ..hookspecs import HeaderCandidate, hookimpl
+from ..formats import dumpheader as fmt
 from ..formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
+from ..formats.vmcoreinfo import NOTE_HEADER_SIZE
+from ..hookspecs import HeaderCandidate, hookimpl
 from ..paging import X86_64, AddressSpace
 from ..runs import check_runs
 from ..source import MemorySource
-from ..formats.vmcoreinfo import NOTE_HEADER_SIZE
 
 #: This method's name among the header candidates (``windump_dump_header``).
 METHOD = "published"
@@ -29,9 +29,16 @@ METHOD = "published"
 #: The four bug-check words QEMU copies (code, then parameters 1-4), each pointer-sized.
 BUGCHECK_WORDS = 5
 
-_OWNER_TAG_OFFSET = KDDEBUGGER_DATA64.fields["OwnerTag"][1]
-_MM_PFN_DATABASE_OFFSET = KDDEBUGGER_DATA64.fields["MmPfnDatabase"][1]
-_KI_BUGCHECK_DATA_OFFSET = KDDEBUGGER_DATA64.fields["KiBugcheckData"][1]
+
+def _kdbg_offset(field: str) -> int:
+    fields = KDDEBUGGER_DATA64.fields
+    assert fields is not None  # a structured dtype has fields
+    return int(fields[field][1])
+
+
+_OWNER_TAG_OFFSET = _kdbg_offset("OwnerTag")
+_MM_PFN_DATABASE_OFFSET = _kdbg_offset("MmPfnDatabase")
+_KI_BUGCHECK_DATA_OFFSET = _kdbg_offset("KiBugcheckData")
 
 NO_NOTE_MESSAGE = (
     "the guest published no VMCOREINFO note: is `-device vmcoreinfo` on the QEMU command line and the "
