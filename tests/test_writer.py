@@ -570,6 +570,20 @@ def test_push_progress_counts_every_page(tmp_path, small_chunks):
     assert [d for d, _ in reports] == sorted(d for d, _ in reports)
 
 
+@pytest.mark.parametrize("writeback", list(Writeback))
+def test_pushed_pages_start_their_writeback_as_the_caller_asks(tmp_path, small_chunks, monkeypatch, writeback):
+    started = []
+    monkeypatch.setattr(pagecopy, "start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    guest = MemoryGuest()
+    with DumpWriter(tmp_path / "out.dmp", full(), RUNS, writeback=writeback) as dump:
+        push_all(dump, guest, page_numbers()[::-1])
+        dump.commit()
+    if writeback is Writeback.EAGER:  # the header, then the whole file every 4 pages pushed
+        assert started == [(0, X64.size)] + [(0, 0)] * (0x3A0 // 4)
+    else:
+        assert started == []
+
+
 # -- other layouts, as a bitmap format will have them -------------------------------------------------
 
 

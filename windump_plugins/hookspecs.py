@@ -66,7 +66,7 @@ class SourceKind:
     summary: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HeaderCandidate:
     """A crash-dump header that one method built for a source, with what windump needs to write the
     dump around it.
@@ -92,7 +92,7 @@ class HeaderCandidate:
     address_space: AddressSpace
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layout:
     """Where an output format puts a dump's bytes in its file: ``header`` from offset 0, then the
     pages of ``pages`` back to back, range after range, and nothing else.

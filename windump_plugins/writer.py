@@ -30,7 +30,7 @@ from .formats.dumpheader import PAGE_SIZE
 from .hookspecs import Layout
 from .outputs.full import full_layout
 from .outputs.layout import PageMap
-from .pagecopy import PROGRESS_INTERVAL, PageCopier, Progress, ProgressCallback
+from .pagecopy import PageCopier, Progress, ProgressCallback
 from .source import MemorySource
 
 __all__ = ["DumpWriter", "Overlay", "ProgressCallback", "Writeback", "write_dump"]
@@ -74,7 +74,7 @@ class DumpWriter:
         self.force = force
         self._arrived: np.ndarray | None = None
         self._pulled = False
-        self._unsynced = 0
+        self._since_writeback = 0
         self.committed = False
         self.dir_fd = self.fd = -1
         self.temp_name: str | None = None
@@ -138,10 +138,11 @@ class DumpWriter:
                     raise WindumpError(f"page {again:#x} of the dump was pushed twice")
                 arrived[:] = True
                 _pwrite_fully(self.fd, view[start:start + count], offset)
-            self._unsynced += len(view)
-            if self.eager and self._unsynced >= PROGRESS_INTERVAL:
+            self._since_writeback += len(view)
+            if self.eager and self._since_writeback >= pagecopy.PROGRESS_INTERVAL:
+                # Pushed pages lie anywhere in the file: start the writeback of all it holds so far.
                 pagecopy.start_writeback(self.fd, 0, 0)
-                self._unsynced = 0
+                self._since_writeback = 0
             self.progress.advance(len(view))
             if self.progress.done == self.progress.total:
                 self.progress.report(force=True)
