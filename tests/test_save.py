@@ -156,6 +156,26 @@ def test_another_method_writes_the_dump_when_the_guest_published_nothing(tmp_pat
     assert str(error.value) == NO_NOTE_MESSAGE
 
 
+def test_a_candidate_s_overlays_are_in_the_dump(tmp_path):
+    """A method that decodes something (the KDBG, for the driverless header) has the dump hold it."""
+    guest = CrashedGuest(**GUEST)
+    page = int(guest.windows_runs()[-1, 0]) + 1
+    decoded = (page * PAGE_SIZE + 0x10, b"decoded KDBG")
+
+    class Decoding:
+        @hookimpl
+        def windump_dump_header(self, source):
+            return dataclasses.replace(prepare_header(source), method="decoding", overlays=(decoded,))
+
+    plugins = load_plugins({"WINDUMP_DISABLE_PLUGINS": "published"}, warn=pytest.fail, core_only=True)
+    plugins.register(Decoding(), "decoding")
+    report = save(SampleSource(guest), tmp_path / "guest.dmp", plugins=plugins)
+    assert report.header == "decoding"
+    dump = DumpFile(tmp_path / "guest.dmp")
+    assert dump.read(decoded[0], len(decoded[1])) == decoded[1]
+    assert dump.read(page * PAGE_SIZE, 0x10) == guest.read(page * PAGE_SIZE, 0x10)
+
+
 def test_a_raising_header_plugin_is_named_and_the_published_header_survives(tmp_path):
     class Broken:
         @hookimpl

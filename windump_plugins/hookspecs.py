@@ -15,11 +15,11 @@ returns something other than None wins: :func:`windump_open_location`, :func:`wi
 *What do you offer?* (collecting): every implementation is asked and every answer is kept:
 :func:`windump_source_kinds`, :func:`windump_dump_header`, :func:`windump_output_formats`.
 
-Each call goes through pluggy (``pm.hook.NAME(...)``), so ``wrapper=True`` and ``hookwrapper=True``
-implementations, ``tryfirst``/``trylast``, ``pm.trace`` and ``pm.add_hookcall_monitoring`` work as
-pluggy documents them; ``WINDUMP_TRACE_PLUGINS=1`` prints every call and its result. Implementations
-are called last registered first, and take any subset of a hook's arguments, by name: a hook may gain
-arguments without breaking a plugin.
+Each call goes through pluggy (``pm.hook.NAME(...)``, ``pm`` being ``Plugins.manager``), so
+``wrapper=True`` and ``hookwrapper=True`` implementations, ``tryfirst``/``trylast``, ``pm.trace`` and
+``pm.add_hookcall_monitoring`` work as pluggy documents them; ``WINDUMP_TRACE_PLUGINS=1`` prints
+every call and its result. Implementations are called last registered first, and take any subset of
+a hook's arguments, by name: a hook may gain arguments without breaking a plugin.
 
 Every implementation is guarded. Report an expected failure by raising
 :class:`~windump_plugins.errors.WindumpError` with a one-line message: it reaches the user as it is.
@@ -90,6 +90,9 @@ class HeaderCandidate:
     kdbg_address: int
     #: The guest kernel's virtual memory, through the header's DirectoryTableBase.
     address_space: AddressSpace
+    #: ``(physical address, bytes)`` the dump must hold in place of the guest's, such as a KDBG
+    #: block the method decoded; written over the pages after the last one, as each vCPU's CONTEXT.
+    overlays: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

@@ -102,11 +102,11 @@ def save(
         held = f"vCPUs 0-{len(cpus) - 1}" if cpus else "no vCPU registers"
         raise WindumpError(f"the header context cannot show vCPU {context_cpu}: {name} has {held}")
 
-    overlays, number_processors, context_registers, contexts = [], None, None, 0
+    overlays, number_processors, context_registers, contexts = list(prepared.overlays), None, None, 0
     if cpus:
         kdbg = space.read_struct(prepared.kdbg_address, KDDEBUGGER_DATA64)
         found = find_processors(cpus, space, kdbg, int(header["NumberProcessors"]))
-        overlays = context_overlays(space, found.processors)
+        overlays += context_overlays(space, found.processors)
         number_processors, contexts = len(found.kprcbs), len(found.processors)
         context_registers = cpus[context_cpu or 0].registers
     else:
