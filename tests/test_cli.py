@@ -191,7 +191,7 @@ def test_json_outputs_follow_their_schemas(run_windump, tmp_path):
 
     listed = check_json(run_windump("plugins", "--json"), reports.PLUGINS_SCHEMA)
     by_name = {plugin["name"]: plugin for plugin in listed["plugins"]}
-    assert sorted(by_name) == ["elf", "gdb", "qmp", "sample"]
+    assert sorted(by_name) == ["elf", "full", "gdb", "published", "qmp", "sample"]
     assert by_name["sample"]["version"] == version("windump")
     [kind] = by_name["gdb"]["sources"]
     assert [option["name"] for option in kind["options"]] == [option.name for option in gdbstub.OPTIONS]

@@ -1,6 +1,7 @@
 """prepare_header: QEMU 7.2's checks and patches of the guest's published header, on hand-built guests
 and on the shared CrashedGuest model."""
 
+import dataclasses
 import struct
 import warnings
 
@@ -11,7 +12,10 @@ from test_paging import KERNEL, KIB4, MIB2, FakeMemory, PageTables
 from windump_plugins.formats import dumpheader as fmt
 from windump_plugins.errors import FormatError, WindumpError
 from windump_plugins.guest.model import BUGCHECK_PARAMETERS, CrashedGuest
-from windump_plugins.headers.published import PreparedHeader, prepare_header
+from windump_plugins.headers.choice import choose_header
+from windump_plugins.headers.published import NO_NOTE_MESSAGE, prepare_header
+from windump_plugins.hookcalls import HookFailure
+from windump_plugins.hookspecs import HeaderCandidate
 from windump_plugins.errors import WindumpWarning
 from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, encode_kdbg
 from windump_plugins.sources.sample import SampleSource
@@ -89,7 +93,7 @@ def publish(guest: PublishingGuest) -> None:
     guest.note = note_of(fmt.header_bytes(guest.header))
 
 
-def prepare(guest: PublishingGuest) -> PreparedHeader:
+def prepare(guest: PublishingGuest) -> HeaderCandidate:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return prepare_header(guest)
@@ -326,3 +330,43 @@ def test_crashed_guest_without_bug_check_is_a_live_system_dump():
     header = prepare(source).header
     assert int(header["BugCheckCode"]) == 0x161
     assert [int(header[f"BugCheckParameter{n}"]) for n in range(1, 5)] == [0, 0, 0, 0]
+
+
+# -- choosing among the candidates of several header methods -----------------------------------------
+
+
+def test_candidates_are_chosen_by_method_in_the_declared_order(guest):
+    published = prepare(guest)
+    symbols = dataclasses.replace(published, method="symbols")
+    vendor = dataclasses.replace(published, method="vendor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # they agree: nothing to say
+        assert choose_header([vendor, symbols, published], [], "guest") is published
+        assert choose_header([vendor, symbols], [], "guest") is symbols
+        assert choose_header([vendor], [], "guest") is vendor
+
+
+def test_with_no_candidate_the_most_trusted_method_s_failure_is_raised(guest):
+    failures = [HookFailure("vendor", WindumpError("vendor: no idea")),
+                HookFailure("symbols", WindumpError("symbols: no kernel found")),
+                HookFailure("published", WindumpError(NO_NOTE_MESSAGE))]
+    with pytest.raises(WindumpError) as error:
+        choose_header([], failures, "guest")
+    assert str(error.value) == NO_NOTE_MESSAGE
+    with pytest.raises(WindumpError, match="^symbols: no kernel found$"):
+        choose_header([], failures[:2], "guest")
+    with pytest.raises(WindumpError, match=r"^no plugin builds a dump header for guest \(windump plugins lists"):
+        choose_header([], [], "guest")
+
+
+def test_disagreeing_runs_and_formats_are_named(guest):
+    published = prepare(guest)
+    fewer = dataclasses.replace(published, method="symbols", runs=published.runs[:1])
+    x86 = dataclasses.replace(published, method="vendor", format=fmt.X86)
+    with pytest.warns(WindumpWarning) as caught:
+        choose_header([x86, fewer, published], [], "guest")
+    assert [str(warning.message) for warning in caught] == [
+        "the symbols header disagrees with the published one the dump uses: 1 runs of 0x9f pages "
+        "(published: 2 runs of 0x39f)",
+        "the vendor header disagrees with the published one the dump uses: the header format x86 (published: x64)",
+    ]

@@ -3,14 +3,26 @@ how a source name becomes an open source."""
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from windump_plugins.errors import SourceError, WindumpError
 from windump_plugins.hookspecs import SourceKind, hookimpl
-from windump_plugins.plugins import PluginError, Plugins, PluginWarning, load_plugins
+from windump_plugins.plugins import (
+    CORE_PLUGINS,
+    PluginError,
+    Plugins,
+    PluginWarning,
+    load_plugins,
+)
 from windump_plugins.source import MemorySource
 
 
@@ -207,8 +219,9 @@ def test_broken_entry_point_only_warns(fake_distribution):
         "plugin broken (fakeplugs 1.2) failed to load: "
         "ModuleNotFoundError: No module named 'windump_test_no_such_module'"
     ]
-    (info,) = plugins.describe()
+    (info,) = [info for info in plugins.describe() if info.name not in CORE_PLUGINS]
     assert (info.name, info.dist, info.version, info.module) == ("good", "fakeplugs", "1.2", "windump_test_goodplug")
+    assert info.hooks == ("windump_source_kinds",)
     assert [kind.pattern for kind in plugins.kinds()] == ["good:"]
 
 
@@ -225,19 +238,212 @@ def test_environment_selects_plugins(fake_distribution):
     assert "good" not in load_plugins({"WINDUMP_DISABLE_PLUGINS": "good,broken"}, warn=others.append).names()
     assert not [message for message in others if "fakeplugs" in message]
     messages: list[str] = []
-    assert load_plugins({"WINDUMP_PLUGINS": "good"}, warn=messages.append).names() == ["good"]
-    assert load_plugins({"WINDUMP_PLUGINS": ""}, warn=messages.append).names() == []
+    # The core plugins (the published header, the full format) load whatever WINDUMP_PLUGINS says.
+    assert load_plugins({"WINDUMP_PLUGINS": "good"}, warn=messages.append).names() == ["full", "good", "published"]
+    assert load_plugins({"WINDUMP_PLUGINS": ""}, warn=messages.append).names() == ["full", "published"]
     assert messages == []
-    assert load_plugins({"WINDUMP_PLUGINS": "good,absent"}, warn=messages.append).names() == ["good"]
+    assert load_plugins({"WINDUMP_PLUGINS": "good,absent"}, warn=messages.append).names() == ["full", "good", "published"]
     assert messages == ["WINDUMP_PLUGINS names plugin absent, but no installed plugin has that name"]
+    # Only WINDUMP_DISABLE_PLUGINS skips them.
+    assert load_plugins({"WINDUMP_PLUGINS": "good", "WINDUMP_DISABLE_PLUGINS": "published"},
+                        warn=messages.append).names() == ["full", "good"]
 
 
 def test_builtin_plugins_come_from_entry_points():
     names = load_plugins({"WINDUMP_PLUGINS": "elf,sample"}, warn=pytest.fail).names()
-    assert names == ["elf", "sample"]
+    assert names == ["elf", "full", "published", "sample"]
+    core = load_plugins({"WINDUMP_PLUGINS": "elf"}, warn=pytest.fail, core_only=True)
+    assert core.names() == sorted(CORE_PLUGINS)
+    hooks = {info.name: (info.dist, info.module, info.hooks) for info in core.describe()}
+    assert hooks == {"published": ("windump", "windump_plugins.headers.published", ("windump_dump_header",)),
+                     "full": ("windump", "windump_plugins.outputs.full", ("windump_output_formats",))}
 
 
 def test_spec_that_is_neither_file_nor_location_names_the_path(tmp_path):
     plugins = Plugins()
     with pytest.raises(SourceError, match=r"No such file or directory$"):
         plugins.open_source(os.path.join(str(tmp_path), "a:b"))
+
+
+# -- calls go through pluggy: wrappers, tracing, monitoring -------------------------------------------
+
+
+class KindsWrapper:
+    """A standard new-style wrapper around windump_source_kinds: sees every answer, adds its own."""
+
+    def __init__(self):
+        self.seen = None
+
+    @hookimpl(wrapper=True)
+    def windump_source_kinds(self):
+        answers = yield
+        self.seen = [kind.pattern for kinds in answers for kind in kinds]
+        return [*answers, [SourceKind("wrapped:", "added by a wrapper")]]
+
+
+def test_a_wrapper_hookimpl_works_and_save_help_still_lists_the_kinds(monkeypatch, capsys):
+    from windump_plugins.frontends import cli
+
+    plugins = Plugins()
+    wrapper = KindsWrapper()
+    plugins.register(FakeScheme(), "fake")
+    plugins.register(wrapper, "wrapper")
+    monkeypatch.setattr(cli, "load_plugins", lambda: plugins)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["save", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "  fake:NAME\n      a page of 0xAB" in out and "  wrapped:\n      added by a wrapper" in out
+    assert wrapper.seen == ["fake:NAME", "FILE.fake"]
+    # The wrapper also sits around a firstresult hook call it does not implement: no harm done.
+    assert plugins.open_source("fake:x").description == "fake:x"
+
+
+def test_an_old_style_hookwrapper_sees_the_outcome():
+    outcomes = []
+
+    class OldStyle:
+        @hookimpl(hookwrapper=True)
+        def windump_open_location(self, location):
+            outcome = yield
+            outcomes.append((location, outcome.get_result().description))
+
+    plugins = Plugins()
+    plugins.register(FakeScheme(), "fake")
+    plugins.register(OldStyle(), "old")
+    assert plugins.open_source("fake:y").description == "fake:y"
+    assert outcomes == [("fake:y", "fake:y")]
+
+
+def test_a_raising_wrapper_is_named_in_one_line():
+    class BadWrapper:
+        @hookimpl(wrapper=True)
+        def windump_open_location(self, location):
+            yield
+            raise KeyError("lost")
+
+    plugins = Plugins()
+    plugins.register(FakeScheme(), "fake")
+    plugins.register(BadWrapper(), "badwrap")
+    with pytest.raises(PluginError, match=r"^plugin badwrap failed: KeyError: 'lost'$"):
+        plugins.open_source("fake:z")
+
+
+def test_a_failing_implementation_of_a_collecting_hook_leaves_the_others_answers():
+    class BrokenKinds:
+        @hookimpl
+        def windump_source_kinds(self):
+            raise RuntimeError("no kinds today")
+
+    class WrongKinds:
+        @hookimpl
+        def windump_source_kinds(self):
+            return ["fake:"]
+
+    messages: list[str] = []
+    plugins = Plugins(warn=messages.append)
+    plugins.register(FakeScheme(), "fake")
+    plugins.register(BrokenKinds(), "broken")
+    plugins.register(WrongKinds(), "wrong")
+    assert [kind.pattern for kind in plugins.kinds()] == ["fake:NAME", "FILE.fake"]
+    assert messages == ["plugin wrong failed: windump_source_kinds returned a list holding str, not a list of SourceKind",
+                        "plugin broken failed: RuntimeError: no kinds today"]
+    messages.clear()
+    described = {info.name: [kind.pattern for kind in info.kinds] for info in plugins.describe()}
+    assert described == {"broken": [], "fake": ["fake:NAME", "FILE.fake"], "wrong": []}
+    assert len(messages) == 2
+
+
+def test_hook_call_monitoring_and_pluggy_tracing_see_every_call():
+    plugins = Plugins()
+    plugins.register(FakeScheme(), "fake")
+    calls = []
+    undo = plugins.manager.add_hookcall_monitoring(
+        lambda name, impls, kwargs: calls.append((name, [impl.plugin_name for impl in impls], dict(kwargs))),
+        lambda outcome, name, impls, kwargs: calls.append((name, outcome.get_result())))
+    traced: list[str] = []
+    plugins.manager.trace.root.setwriter(traced.append)
+    untrace = plugins.manager.enable_tracing()
+    try:
+        source = plugins.open_source("fake:m")
+    finally:
+        undo()
+        untrace()
+    assert calls == [("windump_open_location", ["fake"], {"location": "fake:m"}), ("windump_open_location", source)]
+    assert any("windump_open_location" in line for line in traced)
+
+
+def test_trace_switch_prints_each_call_and_result(capsys):
+    plugins = load_plugins({"WINDUMP_PLUGINS": "sample", "WINDUMP_TRACE_PLUGINS": "1"}, warn=pytest.fail)
+    plugins.kinds()
+    with pytest.raises(SourceError):
+        plugins.open_source("nosuch:thing")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("windump: trace: windump_source_kinds() asks ")
+    assert "sample" in lines[0]
+    assert lines[1].startswith("windump: trace: windump_source_kinds -> [[SourceKind(pattern='sample:")
+    assert "windump: trace: windump_open_location(location='nosuch:thing') asks " in lines[2]
+    assert lines[3] == "windump: trace: windump_open_location -> None"
+    quiet = load_plugins({"WINDUMP_PLUGINS": "sample", "WINDUMP_TRACE_PLUGINS": "0"}, warn=pytest.fail)
+    quiet.kinds()
+    assert capsys.readouterr().err == ""
+
+
+def test_trace_switch_in_the_command_line(run_windump):
+    result = run_windump("plugins", env={"WINDUMP_TRACE_PLUGINS": "1"})
+    assert result.returncode == 0
+    assert "windump: trace: windump_source_kinds() asks sample" in result.stderr
+    assert "\nsample  windump " in "\n" + result.stdout
+
+
+# -- the public API at the package's top ---------------------------------------------------------------
+
+
+def test_the_package_top_imports_no_numpy_until_asked():
+    code = ("import sys, windump_plugins\n"
+            "assert 'numpy' not in sys.modules\n"
+            "from windump_plugins import hookimpl, SourceKind, HeaderCandidate, OutputFormat, WindumpError\n"
+            "assert 'numpy' not in sys.modules, 'the hook API needs no numpy'\n"
+            "from windump_plugins import MemorySource\n"
+            "assert 'numpy' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_public_name_resolves_to_its_defining_module():
+    import windump_plugins
+    from windump_plugins import errors, filemap, hookspecs, notescan, source
+
+    assert windump_plugins.hookimpl is hookspecs.hookimpl
+    assert windump_plugins.MemorySource is source.MemorySource
+    assert windump_plugins.FileMapSource is filemap.FileMapSource
+    assert windump_plugins.SourceError is errors.SourceError
+    assert windump_plugins.scan_for_note is notescan.scan_for_note
+    assert set(windump_plugins.__all__) == {"__version__", *windump_plugins._API}
+    for name in windump_plugins.__all__:
+        assert getattr(windump_plugins, name) is not None, name
+    assert set(windump_plugins.__all__) <= set(dir(windump_plugins))
+    # What type checkers see names the same things.
+    tree = ast.parse(Path(windump_plugins.__file__).read_text())
+    checked = {alias.asname: f"{node.module}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and node.level == 1 for alias in node.names if alias.asname}
+    assert checked == windump_plugins._API
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        windump_plugins.nothing_here  # noqa: B018
+
+
+def test_the_wheel_ships_py_typed(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", "*.egg-info", "build", "_build", "tests", "docs", "drivers", "benchmarks"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(tmp_path / "src")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("windump-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "windump_plugins/py.typed" in names
+    assert {"windump_plugins/hookspecs.py", "windump_plugins/outputs/full.py", "windump_plugins/headers/published.py"} <= set(names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "published = windump_plugins.headers.published" in entry_points
+    assert "full = windump_plugins.outputs.full" in entry_points

@@ -1,5 +1,6 @@
-"""The dump writer: body bytes against the source, kernel-copy fallbacks, progress, the private
-0600 file, and that no failure (source error, Ctrl-C, disk full, existing output) leaves a trace."""
+"""The dump writer: body bytes against the source, pulled or pushed in any order, through a layout;
+kernel-copy fallbacks, progress, writeback, the private 0600 file, and that no failure (source
+error, a page missing or twice, Ctrl-C, disk full, existing output) leaves a trace."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from gate import unavailable
 
-from windump_plugins import writer
+from windump_plugins import pagecopy
 from windump_plugins.errors import SourceError, WindumpError
 from windump_plugins.formats.dumpheader import (
     DUMP_TYPE_FULL,
@@ -23,8 +24,9 @@ from windump_plugins.formats.dumpheader import (
     new_header,
     set_header_runs,
 )
+from windump_plugins.hookspecs import Layout
 from windump_plugins.source import FileExtent, MemorySource
-from windump_plugins.writer import write_dump
+from windump_plugins.writer import DumpWriter, Writeback, write_dump
 
 #: Guest RAM of the test sources: low memory below the VGA hole, then 3 MiB from 1 MiB.
 RAM = [[0x0, 0xA0000], [0x100000, 0x400000]]
@@ -97,9 +99,9 @@ def dump_header(runs=RUNS, fmt=X64) -> bytes:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of three pages and progress every four, so small dumps take many steps."""
-    monkeypatch.setattr(writer, "CHUNK_SIZE", 3 * PAGE_SIZE)
-    monkeypatch.setattr(writer, "BUFFER_SIZE", 3 * PAGE_SIZE)
-    monkeypatch.setattr(writer, "PROGRESS_INTERVAL", 4 * PAGE_SIZE)
+    monkeypatch.setattr(pagecopy, "CHUNK_SIZE", 3 * PAGE_SIZE)
+    monkeypatch.setattr(pagecopy, "BUFFER_SIZE", 3 * PAGE_SIZE)
+    monkeypatch.setattr(pagecopy, "PROGRESS_INTERVAL", 4 * PAGE_SIZE)
 
 
 @pytest.fixture
@@ -337,36 +339,36 @@ def test_output_naming_a_directory(tmp_path):
     assert os.listdir(tmp_path) == ["out.dmp"]
 
 
-class PausingGuest(MemoryGuest):
-    """Records whether reads happen after ``reading_done``, as a live source resuming its guest."""
+class ReadOnlyGuest(MemoryGuest):
+    """Records every call of a MemorySource method that is not a read: the writer must make none."""
 
-    def __init__(self, fail_at: int | None = None):
+    def __init__(self):
         super().__init__()
-        self.fail_at = fail_at
-        self.resumed = False
-        self.read_after_resume = False
-
-    def readinto(self, address: int, buffer: memoryview) -> None:
-        self.read_after_resume |= self.resumed
-        if self.fail_at is not None and address + len(buffer) > self.fail_at:
-            raise SourceError("memory-guest: the guest went away")
-        super().readinto(address, buffer)
+        self.calls: list[str] = []
 
     def reading_done(self) -> None:
-        self.resumed = True
+        self.calls.append("reading_done")
+
+    def vmcoreinfo(self):
+        self.calls.append("vmcoreinfo")
+
+    def cpus(self):
+        self.calls.append("cpus")
+        return []
+
+    def access(self):
+        self.calls.append("access")
+        return super().access()
+
+    def close(self) -> None:
+        self.calls.append("close")
 
 
-def test_reading_done_follows_the_last_read(tmp_path, small_chunks):
-    guest = PausingGuest()
+def test_the_writer_only_reads_the_source(tmp_path, small_chunks):
+    guest = ReadOnlyGuest()
     write_dump(tmp_path / "out.dmp", dump_header(), RUNS, guest)
-    assert guest.resumed and not guest.read_after_resume
-
-
-def test_reading_done_is_not_announced_when_reading_fails(tmp_path, small_chunks):
-    guest = PausingGuest(fail_at=0x200000)
-    with pytest.raises(SourceError):
-        write_dump(tmp_path / "out.dmp", dump_header(), RUNS, guest)
-    assert not guest.resumed
+    assert guest.calls == []
+    assert (tmp_path / "out.dmp").read_bytes()[X64.size:] == guest.expected_body(RUNS)
 
 
 def _overlaid(memory: bytearray, overlays) -> bytearray:
@@ -422,28 +424,215 @@ def test_overlay_outside_the_runs_is_refused_before_writing(tmp_path, overlay):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pages_without_overlays_keep_the_kernel_copy(tmp_path, monkeypatch):
-    """Only the overlaid page is read through the source; the rest still goes by file extents."""
+def test_overlays_leave_every_page_to_the_kernel_copy(tmp_path, monkeypatch):
+    """Overlays are written over the copied pages at the end: no page is read through the source."""
     source = FileGuest(tmp_path / "ram.bin")
     read = []
     real_readinto = source.readinto
     monkeypatch.setattr(source, "readinto", lambda address, buffer: (read.append((address, len(buffer))),
                                                                      real_readinto(address, buffer))[-1])
     write_dump(tmp_path / "guest.dmp", dump_header(), RUNS, source, overlays=[(0x150010, b"zz")])
-    assert read == [(0x150000, PAGE_SIZE)]
+    source.close()
+    assert read == []
+    patched = MemoryGuest()
+    patched.memory = _overlaid(source.memory, [(0x150010, b"zz")])
+    assert (tmp_path / "guest.dmp").read_bytes()[X64.size:] == patched.expected_body(RUNS)
 
 
-def test_writeback_starts_early_except_for_sources_that_resume_after_reading(tmp_path, small_chunks, monkeypatch):
-    """Each chunk's writeback starts at once (a shorter final fsync), except for a source that
-    resumes its guest after reading: its reads stay short, with writeback left to the end."""
+@pytest.mark.parametrize("writeback", list(Writeback))
+def test_writeback_is_the_callers_choice(tmp_path, small_chunks, monkeypatch, writeback):
+    """EAGER starts each chunk's writeback at once (a shorter final fsync); AT_COMMIT leaves it all
+    to the fsync, so a source that keeps its guest paused while read has the shortest reads."""
     started = []
-    monkeypatch.setattr(writer, "_start_writeback", lambda fd, offset, length: started.append((offset, length)))
-    write_dump(tmp_path / "file.dmp", dump_header(), RUNS, MemoryGuest())
-    assert sum(length for _, length in started) == X64.size + body_size(RUNS)
-    assert sorted(started)[0] == (0, X64.size)
+    monkeypatch.setattr(pagecopy, "start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    write_dump(tmp_path / "out.dmp", dump_header(), RUNS, MemoryGuest(), writeback=writeback)
+    if writeback is Writeback.EAGER:
+        assert sum(length for _, length in started) == X64.size + body_size(RUNS)
+        assert sorted(started)[0] == (0, X64.size)
+        # Each chunk once, where it lies in the file: together they tile the file.
+        ends = [offset + length for offset, length in sorted(started)]
+        assert [offset for offset, _ in sorted(started)][1:] == ends[:-1]
+    else:
+        assert started == []
 
-    started.clear()
-    live = MemoryGuest()
-    live.resumes_after_reading = True
-    write_dump(tmp_path / "live.dmp", dump_header(), RUNS, live)
-    assert started == []
+
+# -- pages pushed as (page, bytes), in any order -----------------------------------------------------
+
+
+def full(runs=RUNS) -> Layout:
+    return Layout(dump_header(runs), np.asarray(runs, dtype=np.uint64))
+
+
+def page_numbers(runs=RUNS) -> list[int]:
+    return [page for base, count in np.asarray(runs).tolist() for page in range(base, base + count)]
+
+
+def push_all(dump: DumpWriter, guest: MemoryGuest, order: list[int], batch: int = 1) -> None:
+    """Push the pages ``order`` names, ``batch`` consecutive pages at a time where they follow."""
+    i = 0
+    while i < len(order):
+        n = 1
+        while n < batch and i + n < len(order) and order[i + n] == order[i] + n:
+            n += 1
+        dump.push(order[i], guest.memory[order[i] * PAGE_SIZE:(order[i] + n) * PAGE_SIZE])
+        i += n
+
+
+@pytest.mark.parametrize("seed, batch", [(1, 1), (2, 5), (3, 64)])
+def test_pushed_pages_in_any_order_make_the_pulled_dump(tmp_path, seed, batch):
+    guest = MemoryGuest()
+    overlays = [(0x2FF8, b"B" * 0x20), (0x9FFFF, b"D"), (0x100000 - 0, b"E" * 0x2000)]
+    pulled = tmp_path / "pulled.dmp"
+    write_dump(pulled, dump_header(), RUNS, guest, overlays=overlays)
+    order = page_numbers()
+    np.random.default_rng(seed).shuffle(order)
+    if batch > 1:  # runs of consecutive pages, shuffled as blocks, some crossing the runs' boundary
+        blocks = [page_numbers()[i:i + batch] for i in range(0, len(order), batch)]
+        np.random.default_rng(seed).shuffle(blocks)
+        order = [page for block in blocks for page in block]
+    pushed = tmp_path / "pushed.dmp"
+    with DumpWriter(pushed, full(), RUNS, overlays=overlays) as dump:
+        push_all(dump, guest, order, batch)
+        assert dump.commit() == X64.size + body_size(RUNS)
+    assert pushed.read_bytes() == pulled.read_bytes()
+    assert pushed.stat().st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["pulled.dmp", "pushed.dmp"]
+
+
+def test_overlays_survive_a_late_page(tmp_path):
+    """The page an overlay lies in comes last: the overlay is applied after it, not undone by it."""
+    guest = MemoryGuest()
+    overlay = (0x150010, b"CONTEXT!")
+    order = [page for page in page_numbers() if page != 0x150] + [0x150]
+    with DumpWriter(tmp_path / "out.dmp", full(), RUNS, overlays=[overlay]) as dump:
+        push_all(dump, guest, order)
+        dump.commit()
+    patched = MemoryGuest()
+    patched.memory = _overlaid(guest.memory, [overlay])
+    assert (tmp_path / "out.dmp").read_bytes()[X64.size:] == patched.expected_body(RUNS)
+
+
+def test_a_page_pushed_twice_is_an_error_and_leaves_nothing(tmp_path):
+    guest = MemoryGuest()
+    with pytest.raises(WindumpError, match=r"^page 0x101 of the dump was pushed twice$"):
+        with DumpWriter(tmp_path / "out.dmp", full(), RUNS) as dump:
+            push_all(dump, guest, [0x100, 0x101, 0x102])
+            dump.push(0x101, guest.memory[0x101000:0x104000])
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_page_outside_the_runs_is_an_error(tmp_path):
+    with pytest.raises(WindumpError, match=r"^physical 0xa0000 is not in the dump's physical-memory runs$"):
+        with DumpWriter(tmp_path / "out.dmp", full(), RUNS) as dump:
+            dump.push(0x9F, bytes(2 * PAGE_SIZE))  # the last page of run 0, and the hole after it
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_pages_fail_the_commit(tmp_path):
+    guest = MemoryGuest()
+    order = [page for page in page_numbers() if page not in (0x5, 0x300)]
+    with DumpWriter(tmp_path / "out.dmp", full(), RUNS) as dump:
+        push_all(dump, guest, order)
+        with pytest.raises(WindumpError, match=r"^0x2 of the dump's 0x3a0 pages were never pushed \(the first: page 0x5\)$"):
+            dump.commit()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("length", [0, 100, PAGE_SIZE + 1])
+def test_pushed_bytes_come_in_whole_pages(tmp_path, length):
+    with pytest.raises(WindumpError, match=r"pages come whole, 0x1000 bytes each$"):
+        with DumpWriter(tmp_path / "out.dmp", full(), RUNS) as dump:
+            dump.push(0, bytes(length))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dump_is_pulled_or_pushed_not_both(tmp_path):
+    guest = MemoryGuest()
+    with DumpWriter(tmp_path / "a.dmp", full(), RUNS) as dump:
+        dump.push(0, guest.memory[:PAGE_SIZE])
+        with pytest.raises(RuntimeError, match="either pulled once or pushed"):
+            dump.pull(guest)
+    with DumpWriter(tmp_path / "b.dmp", full(), RUNS) as dump:
+        dump.pull(guest)
+        with pytest.raises(RuntimeError, match="either pulled once or pushed"):
+            dump.push(0, guest.memory[:PAGE_SIZE])
+    assert os.listdir(tmp_path) == []
+
+
+def test_push_progress_counts_every_page(tmp_path, small_chunks):
+    reports = []
+    guest = MemoryGuest()
+    order = page_numbers()[::-1]
+    with DumpWriter(tmp_path / "out.dmp", full(), RUNS, progress=lambda d, t: reports.append((d, t))) as dump:
+        push_all(dump, guest, order)
+        dump.commit()
+    total = X64.size + body_size(RUNS)
+    assert reports[0] == (0, total) and reports[-1] == (total, total)
+    assert [d for d, _ in reports] == sorted(d for d, _ in reports)
+
+
+@pytest.mark.parametrize("writeback", list(Writeback))
+def test_pushed_pages_start_their_writeback_as_the_caller_asks(tmp_path, small_chunks, monkeypatch, writeback):
+    started = []
+    monkeypatch.setattr(pagecopy, "start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    guest = MemoryGuest()
+    with DumpWriter(tmp_path / "out.dmp", full(), RUNS, writeback=writeback) as dump:
+        push_all(dump, guest, page_numbers()[::-1])
+        dump.commit()
+    if writeback is Writeback.EAGER:  # the header, then the whole file every 4 pages pushed
+        assert started == [(0, X64.size)] + [(0, 0)] * (0x3A0 // 4)
+    else:
+        assert started == []
+
+
+# -- other layouts, as a bitmap format will have them -------------------------------------------------
+
+
+def shuffled_layout(runs=RUNS) -> Layout:
+    """A header with 0x1000 bytes of its own after it, then run 1 before run 0, run 1's pages in two
+    pieces swapped: what any output format may ask for."""
+    (b0, c0), (b1, c1) = np.asarray(runs).tolist()
+    half = c1 // 2
+    pages = np.array([[b1 + half, c1 - half], [b1, half], [b0, c0]], dtype=np.uint64)
+    return Layout(dump_header(runs) + b"\xEE" * 0x1000, pages)
+
+
+def laid_out(guest: MemoryGuest, layout: Layout) -> bytes:
+    return layout.header + guest.expected_body(layout.pages)
+
+
+@pytest.mark.parametrize("file_backed", [False, True], ids=["read", "kernel-copy"])
+def test_pulled_pages_follow_the_layout(tmp_path, small_chunks, file_backed):
+    guest = FileGuest(tmp_path / "ram.bin") if file_backed else MemoryGuest()
+    layout = shuffled_layout()
+    with DumpWriter(tmp_path / "out.dmp", layout, RUNS, overlays=[(0x150FFE, b"xyzw")]) as dump:
+        dump.pull(guest)
+        dump.commit()
+    guest.close()
+    patched = MemoryGuest()
+    patched.memory = _overlaid(guest.memory, [(0x150FFE, b"xyzw")])
+    assert (tmp_path / "out.dmp").read_bytes() == laid_out(patched, layout)
+
+
+def test_pushed_pages_follow_the_layout(tmp_path):
+    guest = MemoryGuest()
+    layout = shuffled_layout()
+    order = page_numbers()
+    np.random.default_rng(7).shuffle(order)
+    with DumpWriter(tmp_path / "out.dmp", layout, RUNS) as dump:
+        push_all(dump, guest, order)
+        dump.commit()
+    assert (tmp_path / "out.dmp").read_bytes() == laid_out(guest, layout)
+
+
+@pytest.mark.parametrize("pages, placed", [
+    ([[0x0, 0xA0], [0x100, 0x2FF]], "0x39f pages, over other page ranges"),  # run 1's last page is missing
+    ([[0x0, 0xA0], [0x100, 0x300], [0x3FF, 0x1]], "0x3a1 pages"),  # a page twice
+    ([[0x0, 0xA1], [0x100, 0x2FF]], "0x3a0 pages, over other page ranges"),  # one in the hole instead
+])
+def test_a_layout_must_place_each_page_of_the_runs_once(tmp_path, pages, placed):
+    layout = Layout(dump_header(), np.array(pages, dtype=np.uint64))
+    with pytest.raises(WindumpError, match=rf"^the dump layout does not place each of the runs' 0x3a0 pages once: "
+                                           rf"it places {placed}$"):
+        DumpWriter(tmp_path / "out.dmp", layout, RUNS)
+    assert os.listdir(tmp_path) == []

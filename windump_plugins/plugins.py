@@ -1,9 +1,11 @@
 """The plugin manager: loads the ``windump`` entry points into pluggy and is the only way the rest
-of windump asks them anything.
+of windump asks the plugins anything.
 
-Every load and every hook call is guarded: a plugin that fails to import, implements a misspelled
-hook or raises an unexpected exception is named in a warning or a one-line error, never a
-traceback, and the other plugins go on working.
+Hooks are called through pluggy (``manager.hook.NAME(...)``), so wrappers, ``manager.trace`` and
+hook-call monitoring see every call. A plugin that fails to import or implements a misspelled hook is
+skipped with a warning; each implementation is guarded as its plugin registers (:mod:`.hookcalls`):
+one that raises is named in a one-line PluginError, and in a collecting hook the other plugins'
+answers survive it. ``WINDUMP_TRACE_PLUGINS=1`` prints each hook call and its result to stderr.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -21,18 +23,34 @@ import pluggy
 
 from . import hookspecs
 from .errors import SourceError, WindumpError
-from .hookspecs import PROJECT, SourceKind
+from .hookcalls import (
+    HookFailure,
+    HookGuard,
+    PluginError,
+    reason,
+    trace_call,
+    trace_result,
+)
+from .hookspecs import PROJECT, HeaderCandidate, OutputFormat, SourceKind
 from .source import MemorySource
 
 #: Entry-point group that built-in and third-party plugins register in.
 ENTRY_POINT_GROUP = "windump"
 
 #: Comma list of entry-point names: when set, only these plugins load (datasette's
-#: ``DATASETTE_LOAD_PLUGINS``); set but empty loads none.
+#: ``DATASETTE_LOAD_PLUGINS``) beside the core plugins; set but empty loads only those.
 ONLY_VARIABLE = "WINDUMP_PLUGINS"
 
-#: Comma list of entry-point names that never load.
+#: Comma list of entry-point names that never load (core plugins included).
 DISABLE_VARIABLE = "WINDUMP_DISABLE_PLUGINS"
+
+#: Set (to anything but empty or ``0``): print every hook call and its result to stderr, as
+#: datasette's ``DATASETTE_TRACE_PLUGINS`` does.
+TRACE_VARIABLE = "WINDUMP_TRACE_PLUGINS"
+
+#: windump's own header and output-format plugins, by entry-point name: every dump needs them, so
+#: they load whatever ``WINDUMP_PLUGINS`` names; only ``WINDUMP_DISABLE_PLUGINS`` skips them.
+CORE_PLUGINS = ("published", "full")
 
 #: What a location looks like (``sample:``, ``gdb://host:1234``): an RFC 3986 scheme and a colon.
 LOCATION = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -42,11 +60,8 @@ HEAD_SIZE = 4096
 
 
 class PluginWarning(UserWarning):
-    """A plugin was skipped: it failed to import, to register, or implements an unknown hook."""
-
-
-class PluginError(WindumpError):
-    """A plugin raised something other than a WindumpError, or returned the wrong thing."""
+    """A plugin was skipped (it failed to import, to register, or implements an unknown hook), or one
+    implementation of a collecting hook failed while the others answered."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class PluginInfo:
     version: str | None
     module: str
     kinds: tuple[SourceKind, ...]
+    #: The hooks it implements, by name.
+    hooks: tuple[str, ...] = ()
 
 
 def _warn(message: str) -> None:
@@ -72,65 +89,80 @@ def _names(environ: Mapping[str, str], variable: str) -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
-def _reason(exc: BaseException) -> str:
-    """One line that says what an exception was, for messages about someone else's code."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _is_core(entry_point: EntryPoint) -> bool:
+    return entry_point.name in CORE_PLUGINS and entry_point.value.startswith("windump_plugins.")
 
 
 def load_plugins(
     environ: Mapping[str, str] = os.environ,
     warn: Callable[[str], None] = _warn,
+    *,
+    core_only: bool = False,
 ) -> Plugins:
     """Load every ``windump`` entry point that ``WINDUMP_PLUGINS`` / ``WINDUMP_DISABLE_PLUGINS``
-    allow, each on its own: one that fails is reported through ``warn`` and skipped.
+    allow (with ``core_only``, only the :data:`CORE_PLUGINS` among them), each on its own: one that
+    fails is reported through ``warn`` and skipped. ``WINDUMP_TRACE_PLUGINS`` turns tracing on.
 
     ``warn`` gets a one-line message; the default issues a :class:`PluginWarning`.
     """
-    plugins = Plugins(warn)
+    plugins = Plugins(warn, trace=environ.get(TRACE_VARIABLE, "") not in ("", "0"))
     only = _names(environ, ONLY_VARIABLE)
     disabled = _names(environ, DISABLE_VARIABLE) or set()
     found = list(entry_points(group=ENTRY_POINT_GROUP))
     for entry_point in found:
-        if (only is not None and entry_point.name not in only) or entry_point.name in disabled:
-            continue
-        plugins.load_entry_point(entry_point)
-    for name in sorted((only or set()) - {entry_point.name for entry_point in found}):
-        warn(f"{ONLY_VARIABLE} names plugin {name}, but no installed plugin has that name")
+        wanted = _is_core(entry_point) or (not core_only and (only is None or entry_point.name in only))
+        if wanted and entry_point.name not in disabled:
+            plugins.load_entry_point(entry_point)
+    if not core_only:
+        for name in sorted((only or set()) - {entry_point.name for entry_point in found}):
+            warn(f"{ONLY_VARIABLE} names plugin {name}, but no installed plugin has that name")
     plugins.check_pending()
     return plugins
 
 
 class Plugins:
-    """A typed facade over pluggy's PluginManager: the calls windump makes, each guarded."""
+    """A typed facade over pluggy's PluginManager: the calls windump makes, each guarded.
 
-    def __init__(self, warn: Callable[[str], None] = _warn):
-        self._manager = pluggy.PluginManager(PROJECT)
-        self._manager.add_hookspecs(hookspecs)
+    ``manager`` is the pluggy PluginManager itself, for ``manager.trace``,
+    ``manager.add_hookcall_monitoring`` and direct ``manager.hook`` calls; windump's own code calls the
+    methods here. With ``trace``, every hook call and its result is printed to stderr.
+    """
+
+    def __init__(self, warn: Callable[[str], None] = _warn, *, trace: bool = False):
+        self.manager = pluggy.PluginManager(PROJECT)
+        self.manager.add_hookspecs(hookspecs)
         self._warn = warn
         #: Entry point name -> (distribution name, version) for installed plugins.
         self._origins: dict[str, tuple[str | None, str | None]] = {}
+        #: Plugin name -> the plugin as written (the manager holds its guarded stand-in).
+        self._plugins: dict[str, object] = {}
+        self._guard = HookGuard()
+        if trace:
+            self.manager.add_hookcall_monitoring(trace_call, trace_result)
+
+    # -- registration ---------------------------------------------------------------------------
 
     def load_entry_point(self, entry_point: EntryPoint) -> None:
         """Import and register one entry point; a failure becomes a warning naming the plugin."""
         dist = entry_point.dist
         origin = (dist.name, dist.version) if dist is not None else (None, None)
         try:
-            self._manager.register(entry_point.load(), name=entry_point.name)
+            self._register(entry_point.load(), entry_point.name)
         except Exception as exc:  # a broken plugin must not stop windump: say so and go on
             where = f"{origin[0]} {origin[1]}" if dist is not None else "unknown distribution"
-            self._warn(f"plugin {entry_point.name} ({where}) failed to load: {_reason(exc)}")
+            self._warn(f"plugin {entry_point.name} ({where}) failed to load: {reason(exc)}")
             return
         self._origins[entry_point.name] = origin
 
     def register(self, plugin: object, name: str) -> None:
         """Register an in-process plugin (a module, class or object with hook implementations)."""
-        self._manager.register(plugin, name=name)
+        self._register(plugin, name)
         self.check_pending()
 
     def unregister(self, name: str) -> None:
         """Remove the plugin registered as ``name``."""
-        self._manager.unregister(name=name)
+        self.manager.unregister(name=name)
+        self._plugins.pop(name, None)
         self._origins.pop(name, None)
 
     def check_pending(self) -> None:
@@ -138,58 +170,69 @@ class Plugins:
         (a misspelled name would otherwise be silently never called)."""
         while True:
             try:
-                self._manager.check_pending()
+                self.manager.check_pending()
             except pluggy.PluginValidationError as exc:
-                name = self._manager.get_name(exc.plugin) or repr(exc.plugin)
+                name = self.manager.get_name(exc.plugin) or repr(exc.plugin)
                 self._warn(f"plugin {name} skipped: {exc}")
-                self._manager.unregister(exc.plugin)
-                self._origins.pop(name, None)
+                self.unregister(name)
             else:
                 return
 
     def names(self) -> list[str]:
         """The registered plugins' names, sorted."""
-        return sorted(name for name, _ in self._manager.list_name_plugin())
+        return sorted(name for name, _ in self.manager.list_name_plugin())
 
-    def _results(self, hook_name: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        """Call each implementation of ``hook_name`` in pluggy's order (last registered first,
-        tryfirst/trylast honoured), yielding ``(plugin name, result)`` for each non-None result.
+    def _register(self, plugin: object, name: str) -> None:
+        self.manager.register(self._guard.stand_in(self.manager, plugin, name), name=name)
+        self._plugins[name] = plugin
 
-        Implementations are called one at a time, not through ``pm.hook``, so an exception can be
-        blamed on the plugin that raised it; stop iterating to get firstresult behaviour.
-        """
-        for impl in reversed(getattr(self._manager.hook, hook_name).get_hookimpls()):
-            try:
-                result = impl.function(*(kwargs[arg] for arg in impl.argnames))
-            except WindumpError:
-                raise
-            except Exception as exc:
-                raise PluginError(f"plugin {impl.plugin_name} failed: {_reason(exc)}") from exc
-            if result is not None:
-                yield impl.plugin_name, result
+    # -- hook calls -----------------------------------------------------------------------------
 
-    def _first_source(self, hook_name: str, **kwargs: Any) -> MemorySource | None:
-        for name, source in self._results(hook_name, **kwargs):
-            if not isinstance(source, MemorySource):
-                raise PluginError(f"plugin {name} failed: {hook_name} returned {type(source).__name__}, not a MemorySource")
-            return source
-        return None
+    def _warn_failures(self, failures: Sequence[HookFailure]) -> None:
+        for failure in failures:
+            self._warn(str(failure.error))
+
+    def _kinds_of(self, hook: Callable[..., list[Any]]) -> list[SourceKind]:
+        try:
+            answers, failures = self._guard.collect(hook)
+        except WindumpError as error:  # a hook wrapper failed: help text goes on without kinds
+            answers, failures = [], [HookFailure("", error)]
+        self._warn_failures(failures)
+        return [kind for kinds in answers for kind in kinds]
 
     def kinds(self) -> list[SourceKind]:
         """Every source kind the plugins open, in call order, for help text and errors."""
-        return [kind for _, kinds in self._results("windump_source_kinds") for kind in kinds]
+        return self._kinds_of(self.manager.hook.windump_source_kinds)
 
     def describe(self) -> list[PluginInfo]:
-        """Each registered plugin with its distribution, version, module and source kinds, by name."""
-        kinds: dict[str, list[SourceKind]] = {}
-        for name, contributed in self._results("windump_source_kinds"):
-            kinds.setdefault(name, []).extend(contributed)
+        """Each registered plugin with its distribution, version, module, source kinds and hooks, by name."""
         described = []
-        for name, plugin in self._manager.list_name_plugin():
+        everyone = dict(self.manager.list_name_plugin())
+        for name, stand_in in everyone.items():
+            others = [plugin for other, plugin in everyone.items() if other != name]
+            kinds = self._kinds_of(self.manager.subset_hook_caller("windump_source_kinds", others))
             dist, version = self._origins.get(name, (None, None))
+            plugin = self._plugins.get(name, stand_in)
             module = getattr(plugin, "__name__", None) or type(plugin).__module__
-            described.append(PluginInfo(name, dist, version, module, tuple(kinds.get(name, ()))))
+            hooks = tuple(sorted(caller.name for caller in self.manager.get_hookcallers(stand_in) or ()))
+            described.append(PluginInfo(name, dist, version, module, tuple(kinds), hooks))
         return sorted(described, key=lambda info: info.name)
+
+    def header_candidates(self, source: MemorySource) -> tuple[list[HeaderCandidate], list[HookFailure]]:
+        """Every plugin's dump header for ``source``, in call order, and the implementations that failed."""
+        return self._guard.collect(self.manager.hook.windump_dump_header, source=source)
+
+    def output_formats(self) -> dict[str, OutputFormat]:
+        """The output formats the plugins offer, by name (the first offered of a name wins)."""
+        answers, failures = self._guard.collect(self.manager.hook.windump_output_formats)
+        self._warn_failures(failures)
+        formats: dict[str, OutputFormat] = {}
+        for output_format in (output_format for offered in answers for output_format in offered):
+            if output_format.name in formats:
+                self._warn(f"output format {output_format.name} is offered twice; the first plugin asked keeps it")
+                continue
+            formats[output_format.name] = output_format
+        return formats
 
     def _known(self) -> str:
         kinds = self.kinds()
@@ -197,10 +240,15 @@ class Plugins:
             return "no source plugins are loaded (see windump plugins)"
         return "known sources: " + ", ".join(kind.pattern for kind in kinds)
 
+    def _opened(self, hook: str, source: object) -> MemorySource | None:
+        if source is None or isinstance(source, MemorySource):
+            return source
+        raise PluginError(f"{hook} returned {type(source).__name__}, not a MemorySource (a hook wrapper changed it)")
+
     def open_source(self, spec: str) -> MemorySource:
         """Open what the user named: a ``SCHEME:REST`` location, or else a file path."""
         if LOCATION.match(spec) and not os.path.lexists(spec):
-            source = self._first_source("windump_open_location", location=spec)
+            source = self._opened("windump_open_location", self.manager.hook.windump_open_location(location=spec))
             if source is None:
                 raise SourceError(f"no plugin opens {spec}: unknown scheme {spec.split(':', 1)[0]!r}; {self._known()}")
             return source
@@ -221,7 +269,9 @@ class Plugins:
             raise SourceError(f"{spec}: {exc.strerror}") from exc
         if not head:
             raise SourceError(f"{spec} is empty")
-        source = self._first_source("windump_open_file", path=spec, head=head)
+        source = self._opened("windump_open_file", self.manager.hook.windump_open_file(path=spec, head=head))
         if source is None:
             raise SourceError(f"{spec}: no plugin reads this file (starts with {head[:8]!r}); {self._known()}")
         return source
+
+

@@ -59,8 +59,8 @@ class MemorySource(abc.ABC):
     #: What the user named, for messages and the dump's Comment (e.g. ``"elf:guest.elf"``).
     description: str = ""
 
-    #: True for a source that resumes a guest it paused in :meth:`reading_done`: the writer then
-    #: keeps the reads as short as it can, leaving writeback to the final fsync instead of starting
+    #: True for a source that resumes a guest it paused in :meth:`reading_done`: save then has the writer
+    #: keep the reads as short as it can, leaving writeback to the final fsync instead of starting
     #: it chunk by chunk (which shortens the whole dump but slows the copy itself).
     resumes_after_reading: bool = False
 

@@ -112,7 +112,8 @@ def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     try:
         with progress_bar(os.path.basename(args.output), enabled=not args.quiet) as progress:
             timer = SaveTimer(progress)
-            report = save(source, args.output, force=args.force, progress=timer, context_cpu=args.context_cpu)
+            report = save(source, args.output, plugins=plugins, force=args.force, progress=timer,
+                          context_cpu=args.context_cpu)
     finally:
         source.close()
     timer.log(report)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import WindumpError
 from ..live.gdbconnection import GdbConnection
+from ..plugins import load_plugins
 from ..sources.gdbstub import OPTIONS as STUB_OPTIONS, GdbStubSource
 from ..writer import ProgressCallback
 from .arguments import FORCE, QUIET, VERBOSE, option_argument
@@ -194,6 +195,7 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
 
     with log_lines("windump-save", write_line, verbosity), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.simplefilter("ignore", ImportWarning)  # gdb's own import hooks, when plugins load
         started = time.perf_counter()
         stub = GdbConnection(options.timeout)
         source = GdbStubSource.through(stub, description=f"gdb://{stub.address}", header_pa=options.header_pa,
@@ -201,7 +203,8 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
         log.info("%s: opened in %.2f s", source.description, time.perf_counter() - started)
         timer = SaveTimer(progress_line(write) if drawing else None)
         try:
-            report = save(source, options.output, force=force, progress=timer, context_cpu=stub.selected_cpu)
+            report = save(source, options.output, plugins=load_plugins(), force=force, progress=timer,
+                          context_cpu=stub.selected_cpu)
         except BaseException:
             with contextlib.suppress(WindumpError):  # restoring over a dead connection: the first error tells why
                 source.close()

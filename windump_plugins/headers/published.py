@@ -3,31 +3,42 @@
 QEMU 7.2 (``create_win_dump``) checks the note size and the header magic, finds a readable KDBG
 (falling back to the decoded copy the guest driver left in BugCheckParameter1), then patches
 RequiredDumpSpace, two padding fields, PfnDatabase and the bug-check data. :func:`prepare_header`
-does the same on a copy, without writing to the guest; patching each vCPU's KPRCB context is left
-to the dump writer.
+does the same on a copy, without writing to the guest (each vCPU's KPRCB context is an overlay of
+the save pipeline). It is windump's built-in ``windump_dump_header`` implementation, the method
+``published``, registered as the plugin of that name.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..formats import dumpheader as fmt
 from ..errors import FormatError, WindumpError, WindumpWarning
+from ..formats import dumpheader as fmt
 from ..formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
+from ..formats.vmcoreinfo import NOTE_HEADER_SIZE
+from ..hookspecs import HeaderCandidate, hookimpl
 from ..paging import X86_64, AddressSpace
 from ..runs import check_runs
 from ..source import MemorySource
-from ..formats.vmcoreinfo import NOTE_HEADER_SIZE
+
+#: This method's name among the header candidates (``windump_dump_header``).
+METHOD = "published"
 
 #: The four bug-check words QEMU copies (code, then parameters 1-4), each pointer-sized.
 BUGCHECK_WORDS = 5
 
-_OWNER_TAG_OFFSET = KDDEBUGGER_DATA64.fields["OwnerTag"][1]
-_MM_PFN_DATABASE_OFFSET = KDDEBUGGER_DATA64.fields["MmPfnDatabase"][1]
-_KI_BUGCHECK_DATA_OFFSET = KDDEBUGGER_DATA64.fields["KiBugcheckData"][1]
+
+def _kdbg_offset(field: str) -> int:
+    fields = KDDEBUGGER_DATA64.fields
+    assert fields is not None  # a structured dtype has fields
+    return int(fields[field][1])
+
+
+_OWNER_TAG_OFFSET = _kdbg_offset("OwnerTag")
+_MM_PFN_DATABASE_OFFSET = _kdbg_offset("MmPfnDatabase")
+_KI_BUGCHECK_DATA_OFFSET = _kdbg_offset("KiBugcheckData")
 
 NO_NOTE_MESSAGE = (
     "the guest published no VMCOREINFO note: is `-device vmcoreinfo` on the QEMU command line and the "
@@ -35,22 +46,7 @@ NO_NOTE_MESSAGE = (
 )
 
 
-@dataclass
-class PreparedHeader:
-    """A checked and patched copy of the guest's header, with what the writer needs next."""
-
-    format: fmt.HeaderFormat
-    #: The patched header, a 0-d array of ``format.dtype``.
-    header: np.ndarray
-    #: The header's ``(N, 2)`` ``[BasePage, PageCount]`` runs, checked against the source's RAM.
-    runs: np.ndarray
-    #: Virtual address of a plaintext KDBG (also in ``header["KdDebuggerDataBlock"]``).
-    kdbg_address: int
-    #: Kernel virtual memory through the header's DirectoryTableBase.
-    address_space: AddressSpace
-
-
-def prepare_header(source: MemorySource) -> PreparedHeader:
+def prepare_header(source: MemorySource) -> HeaderCandidate:
     """Check and patch the header ``source``'s guest published, as QEMU 7.2's ``dump-guest-memory -w``.
 
     Raises WindumpError (FormatError for a malformed note or header) where QEMU fails; warns with
@@ -78,7 +74,7 @@ def prepare_header(source: MemorySource) -> PreparedHeader:
             f"PhysicalMemoryBlock.NumberOfPages is {number_of_pages:#x} but its runs hold "
             f"{int(runs[:, 1].sum()):#x} pages"
         )
-    return PreparedHeader(header_format, header, runs, kdbg_address, address_space)
+    return HeaderCandidate(METHOD, header_format, header, runs, kdbg_address, address_space)
 
 
 def _parse_note(note: bytes) -> tuple[fmt.HeaderFormat, np.ndarray]:
@@ -176,3 +172,9 @@ def _patch_header(
 def _warn_bugcheck(reason: str) -> None:
     warnings.warn(f"win-dump: {reason}; the bug-check code and parameters keep the guest's values",
                   WindumpWarning, stacklevel=4)
+
+
+@hookimpl
+def windump_dump_header(source: MemorySource) -> HeaderCandidate:
+    """The header the guest published, as :func:`prepare_header` makes it."""
+    return prepare_header(source)

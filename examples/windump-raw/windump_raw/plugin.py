@@ -6,9 +6,9 @@ bytes by MAPFILE, one ``GUEST_PHYS_START GUEST_PHYS_END FILE_OFFSET`` line (hex)
 ``&note=NOTEFILE`` (or ``?note=`` without a map) gives the VMCOREINFO note the guest published;
 without it the source scans guest RAM for the note once, when windump first asks for it.
 
-This module uses only windump's public plugin API: :mod:`windump_plugins.hookspecs`,
-:mod:`windump_plugins.filemap` (a :class:`~windump_plugins.source.MemorySource` over pieces of
-one file), :mod:`windump_plugins.formats.vmcoreinfo` and :mod:`windump_plugins.errors`.
+This module uses only windump's public plugin API, all of it imported from the package's top
+``windump_plugins``: ``hookimpl`` and ``SourceKind``, ``FileMap`` and ``FileMapSource`` (a
+``MemorySource`` over pieces of one file), ``scan_for_note`` and the error types.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import os
 
 import numpy as np
 
-from windump_plugins.errors import FormatError, SourceError
-from windump_plugins.filemap import FileMap, FileMapSource
-from windump_plugins.hookspecs import SourceKind, hookimpl
-from windump_plugins.notescan import scan_for_note
+from windump_plugins import FileMap, FileMapSource, FormatError, SourceError, SourceKind, hookimpl, scan_for_note
 
 SCHEME = "raw:"
 
 #: The options a location takes after ``?``, ``&``-separated.
 OPTIONS = ("map", "note")
+
 
 def read_ram_map(path: str, file_size: int) -> np.ndarray:
     """The RAM map in ``path`` as an ``(N, 3)`` uint64 array of ``[start, end, file offset]`` rows
