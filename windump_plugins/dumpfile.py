@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import FormatError, SourceError
+from .filemap import FileMap, FileMapSource
 from .formats.dumpheader import (
     DUMP_TYPE_BITMAP_FULL,
     DUMP_TYPE_FULL,
@@ -25,7 +26,6 @@ from .formats.dumpheader import (
     header_runs,
     parse_header,
 )
-from .filemap import FileMap, FileMapSource
 
 
 class DumpHeader(NamedTuple):

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import __version__
+from .errors import WindumpError, WindumpWarning
 from .formats.context import context_from_registers
-from .errors import WindumpError
 from .formats.dumpheader import EXCEPTION_RECORD64, PAGE_FILLER
 from .formats.kuser import (
     KSYSTEM_TIME,
@@ -24,7 +24,6 @@ from .formats.kuser import (
     KUSER_SUITE_MASK,
     KUSER_SYSTEM_TIME,
 )
-from .errors import WindumpWarning
 from .paging import AddressSpace
 
 #: Reads of a KSYSTEM_TIME before a live guest's clock is taken as torn.

@@ -22,11 +22,11 @@ def scan_for_note(source: MemorySource, chunk_size: int | None = None) -> tuple[
         position = start
         while True:
             length = min(chunk_size, end - position)
-            source.readinto(position, memoryview(chunk[:length]))
+            source.readinto(position, chunk[:length].data)
             for found in find_notes(chunk[:length]):
                 address = position + found
                 size = parse_note(chunk[found : found + NOTE_ID_SIZE].tobytes())
-                if address + size <= end:
+                if size is not None and address + size <= end:
                     return address, source.read(address, size)
             if position + length >= end:
                 break

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import WindumpError, WindumpWarning
 from .formats.context import context_from_registers
-from .errors import WindumpError
 from .formats.dumpheader import PAGE_SIZE
-from .errors import WindumpWarning
 from .paging import AddressSpace
 from .source import CpuState
 from .writer import Overlay

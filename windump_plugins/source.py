@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Self
 
 import numpy as np
 
@@ -117,7 +117,7 @@ class MemorySource(abc.ABC):
         """Raise SourceError unless ``[address, address + length)`` lies inside one RAM range."""
         check_in_ram(self.ram, address, length, self.description or "source")
 
-    def __enter__(self) -> MemorySource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

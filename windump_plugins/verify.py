@@ -14,10 +14,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .formats.context import CONTEXT, CONTEXT_AMD64
 from .dumpfile import DumpFile, DumpHeader, open_dump, read_dump_header, unsupported_dump_type
 from .errors import FormatError, SourceError, TranslationError, WindumpError
-from .formats.dumpheader import DUMP_TYPE_FULL, PAGE_FILLER, PAGE_SHIFT, X64, X86, body_size, header_runs
+from .formats.context import CONTEXT, CONTEXT_AMD64
+from .formats.dumpheader import (
+    DUMP_TYPE_FULL,
+    PAGE_FILLER,
+    PAGE_SHIFT,
+    X64,
+    X86,
+    body_size,
+    field_offset,
+    header_runs,
+)
 from .formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from .paging import AddressSpace
 from .processors import MAX_PROCESSORS, processor_block_entries
@@ -71,7 +80,8 @@ def check_machine_image_type(dump: DumpHeader) -> list[str]:
     machine = int(dump.header["MachineImageType"])
     if machine == dump.format.machine:
         return []
-    return [f"MachineImageType is {machine:#x}, expected {dump.format.machine:#x} in a PAGE{dump.format.valid_dump.decode()} dump"]
+    return [f"MachineImageType is {machine:#x}, expected {dump.format.machine:#x} "
+            f"in a PAGE{dump.format.valid_dump.decode()} dump"]
 
 
 def check_number_processors(dump: DumpHeader) -> list[str]:
@@ -164,7 +174,7 @@ def check_exception_record(dump: DumpHeader) -> list[str]:
     filler = np.flatnonzero(words == PAGE_FILLER)
     if not filler.size:
         return []
-    base = dump.format.dtype.fields["Exception"][1]
+    base = field_offset(dump.format.dtype, "Exception")
     offsets = ", ".join(f"{base + 4 * int(i):#x}" for i in filler)
     return [f'the exception record still holds the "PAGE" filler at header offset {offsets}']
 
@@ -184,7 +194,7 @@ def check_header_filler(dump: DumpHeader) -> list[str]:
     for name in FILLER_CHECKED[dump.format.name]:
         words = np.frombuffer(dump.header[name].tobytes(), dtype="<u4")
         if (words == PAGE_FILLER).any():
-            offset = dump.format.dtype.fields[name][1]
+            offset = field_offset(dump.format.dtype, name)
             problems.append(f'{name} (header offset {offset:#x}) still holds the "PAGE" filler')
     return problems
 

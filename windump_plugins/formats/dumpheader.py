@@ -1,7 +1,7 @@
 """The Windows kernel crash dump format: DUMP_HEADER64 and DUMP_HEADER32 as numpy structured dtypes.
 
 A full dump (DumpType 1) is the header followed by the pages of each physical-memory run, packed back
-to back in run order. Every layout below is data: a field's offset is ``DTYPE.fields[name][1]`` and
+to back in run order. Every layout below is data: a field's offset is ``field_offset(DTYPE, name)`` and
 ``tests/test_format.py`` pins each one. Field names are those of the Windows headers.
 """
 
@@ -40,6 +40,13 @@ def layout(size: int, fields: list[tuple[int, str, object]]) -> np.dtype:
     """A little-endian structured dtype of ``size`` bytes from ``(offset, name, format)`` rows."""
     offsets, names, formats = zip(*fields)
     return np.dtype({"names": list(names), "formats": list(formats), "offsets": list(offsets), "itemsize": size})
+
+
+def field_offset(dtype: np.dtype, name: str) -> int:
+    """The byte offset of field ``name`` in the structured ``dtype`` (KeyError for no such field)."""
+    if dtype.fields is None:
+        raise TypeError(f"{dtype} is not a structured dtype")
+    return int(dtype.fields[name][1])
 
 
 PHYSICAL_MEMORY_RUN64 = layout(0x10, [(0x0, "BasePage", "<u8"), (0x8, "PageCount", "<u8")])

@@ -96,7 +96,8 @@ def parse_elf_header(head: bytes, where: str) -> tuple[ElfClass, np.void]:
     if ehdr["e_type"] != ET_CORE:
         raise FormatError(f"{where}: ELF type {ehdr['e_type']} is not a core file (ET_CORE)")
     if int(ehdr["e_machine"]) not in MACHINES:
-        raise FormatError(f"{where}: ELF machine {ehdr['e_machine']} is neither x86-64 ({EM_X86_64}) nor i386 ({EM_386})")
+        raise FormatError(f"{where}: ELF machine {ehdr['e_machine']} is neither x86-64 ({EM_X86_64}) "
+                          f"nor i386 ({EM_386})")
     return found, ehdr
 
 
@@ -124,4 +125,4 @@ def program_header_count(found: ElfClass, ehdr: np.void, section0: bytes | None,
 
 def parse_program_headers(table: bytes, found: ElfClass) -> np.ndarray:
     """The program headers in ``table``, every field widened to u8 whatever the class."""
-    return np.frombuffer(table, found.phdr).astype([(name, "<u8") for name in found.phdr.names])
+    return np.frombuffer(table, found.phdr).astype([(name, "<u8") for name in found.phdr.names or ()])

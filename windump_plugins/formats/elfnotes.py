@@ -76,7 +76,7 @@ def _align(n: int) -> int:
 
 def parse_notes(segment: bytes, where: str) -> list[ElfNote]:
     """The notes packed in ``segment``; ``where`` names it in errors (``"guest.elf: PT_NOTE 0"``)."""
-    notes = []
+    notes: list[ElfNote] = []
     pos = 0
     while pos < len(segment):
         if len(segment) - pos < NOTE_HEADER.itemsize:
@@ -120,7 +120,7 @@ def _prstatus_registers(desc: bytes, where: str) -> dict[str, int]:
         raise FormatError(f"{where}: CORE NT_PRSTATUS note of {len(desc)} bytes is neither the x86-64 "
                           f"({PRSTATUS_X86_64.itemsize}) nor the i386 ({PRSTATUS_I386.itemsize}) prstatus")
     regs = np.frombuffer(desc, prstatus)[0]
-    return {name: int(regs[name]) for name in prstatus.names if name not in ("pr_pid", "orig_rax")}
+    return {name: int(regs[name]) for name in prstatus.names or () if name not in ("pr_pid", "orig_rax")}
 
 
 def cpu_registers(notes: list[ElfNote], where: str) -> list[dict[str, int]]:

@@ -50,4 +50,5 @@ def find_notes(chunk: np.ndarray) -> list[int]:
         return []
     candidates = np.flatnonzero(words[3 : 3 + count] == _NOTE_WORDS[0])
     candidates = candidates[(words[candidates] == 11) & (words[candidates + 2] == 0)]
-    return [4 * index for index in candidates.tolist() if parse_note(chunk[4 * index : 4 * index + NOTE_ID_SIZE].tobytes())]
+    return [4 * index for index in candidates.tolist()
+            if parse_note(chunk[4 * index : 4 * index + NOTE_ID_SIZE].tobytes())]

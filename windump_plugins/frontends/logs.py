@@ -68,7 +68,8 @@ class SaveTimer:
     everything after the last (fsync and rename).
     """
 
-    def __init__(self, progress: ProgressCallback | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, progress: ProgressCallback | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.progress, self.clock = progress, clock
         self.started = clock()
         self.body_started: float | None = None

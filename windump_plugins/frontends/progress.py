@@ -14,7 +14,8 @@ from ..writer import ProgressCallback
 
 
 @contextmanager
-def progress_bar(description: str, *, enabled: bool = True, stream: TextIO | None = None) -> Iterator[ProgressCallback | None]:
+def progress_bar(description: str, *, enabled: bool = True,
+                 stream: TextIO | None = None) -> Iterator[ProgressCallback | None]:
     """A byte-counting bar (size, rate, time left) for the duration of the ``with`` block.
 
     Yields None, so the writer skips reporting, unless ``enabled`` and ``stream`` (default stderr)
@@ -25,7 +26,8 @@ def progress_bar(description: str, *, enabled: bool = True, stream: TextIO | Non
     if not enabled or not stream.isatty():
         yield None
         return
-    with tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=stream, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=stream, leave=False,
+              dynamic_ncols=True) as bar:
 
         def progress(done: int, total: int) -> None:
             if bar.total != total:

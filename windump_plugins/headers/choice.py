@@ -44,7 +44,8 @@ def disagreements(chosen: HeaderCandidate, other: HeaderCandidate) -> list[str]:
     return found
 
 
-def choose_header(candidates: Sequence[HeaderCandidate], failures: Sequence[HookFailure], source: str) -> HeaderCandidate:
+def choose_header(candidates: Sequence[HeaderCandidate], failures: Sequence[HookFailure],
+                  source: str) -> HeaderCandidate:
     """The candidate whose method comes first in :data:`PREFERENCE` (then in call order); each other
     candidate that disagrees with it is a :class:`WindumpWarning`.
 

@@ -30,15 +30,9 @@ METHOD = "published"
 BUGCHECK_WORDS = 5
 
 
-def _kdbg_offset(field: str) -> int:
-    fields = KDDEBUGGER_DATA64.fields
-    assert fields is not None  # a structured dtype has fields
-    return int(fields[field][1])
-
-
-_OWNER_TAG_OFFSET = _kdbg_offset("OwnerTag")
-_MM_PFN_DATABASE_OFFSET = _kdbg_offset("MmPfnDatabase")
-_KI_BUGCHECK_DATA_OFFSET = _kdbg_offset("KiBugcheckData")
+_OWNER_TAG_OFFSET = fmt.field_offset(KDDEBUGGER_DATA64, "OwnerTag")
+_MM_PFN_DATABASE_OFFSET = fmt.field_offset(KDDEBUGGER_DATA64, "MmPfnDatabase")
+_KI_BUGCHECK_DATA_OFFSET = fmt.field_offset(KDDEBUGGER_DATA64, "KiBugcheckData")
 
 NO_NOTE_MESSAGE = (
     "the guest published no VMCOREINFO note: is `-device vmcoreinfo` on the QEMU command line and the "

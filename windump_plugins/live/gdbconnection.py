@@ -118,7 +118,8 @@ class GdbConnection(QemuQueries):
         inferior = gdb.selected_inferior()
         connection = inferior.connection
         if not isinstance(connection, gdb.RemoteTargetConnection):
-            raise SourceError("gdb is not connected to a gdbstub: run 'target remote HOST:PORT' to QEMU's -gdb port first")
+            raise SourceError("gdb is not connected to a gdbstub: run 'target remote HOST:PORT' to QEMU's "
+                              "-gdb port first")
         threads = inferior.threads()
         if not threads:
             raise SourceError(f"gdb's remote target {connection.details} has no threads (no vCPUs)")
@@ -163,7 +164,8 @@ class GdbConnection(QemuQueries):
             for thread in vcpus:
                 thread.switch()
                 newest = gdb.newest_frame()
-                values = {r.name: register_value(newest.read_register(r.name)) for r in newest.architecture().registers("save")}
+                values = {r.name: register_value(newest.read_register(r.name))
+                          for r in newest.architecture().registers("save")}
                 states.append({name: value for name, value in values.items() if value is not None})
         finally:
             selected.switch()

@@ -61,7 +61,8 @@ class RamReader(abc.ABC):
 MemoryPath = tuple[str, Callable[[], RamReader]]
 
 
-def open_first(paths: Sequence[MemoryPath], *, forced: str | None, description: str) -> tuple[RamReader, dict[str, str]]:
+def open_first(paths: Sequence[MemoryPath], *, forced: str | None,
+               description: str) -> tuple[RamReader, dict[str, str]]:
     """The reader of the first path in ``paths`` that opens (of ``forced`` alone, when given), and
     why each path before it was passed over, in order.
 

@@ -68,7 +68,8 @@ class PhyMemMode:
                 with self.reconnect() as fresh:
                     self._restore(fresh)
             except SourceError as failed:
-                message = f"{lost}; PhyMemMode may be left at {self.mode} for the next debugger (reconnecting failed: {failed})"
+                message = (f"{lost}; PhyMemMode may be left at {self.mode} for the next debugger "
+                           f"(reconnecting failed: {failed})")
                 if not interrupted:
                     raise SourceError(message) from None
                 warnings.warn(message, WindumpWarning, stacklevel=3)

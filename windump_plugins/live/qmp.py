@@ -121,7 +121,8 @@ class QmpConnection:
         except ExecuteError as error:
             raise SourceError(f"{self.description}: QMP {command} failed: {error.error.error.desc}") from None
         except TimeoutError:
-            raise SourceError(f"{self.description}: QEMU gave no answer to {command} within {self.timeout:g} s") from None
+            raise SourceError(f"{self.description}: QEMU gave no answer to {command} "
+                              f"within {self.timeout:g} s") from None
         except (QMPError, OSError, EOFError) as error:
             self.lost = True
             raise SourceError(f"{self.description}: lost the QMP connection during {command} (did QEMU quit?): "

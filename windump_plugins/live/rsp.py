@@ -83,7 +83,8 @@ class QemuQueries:
         reply = self.command(payload)
         if reply == b"" or re.fullmatch(rb"E[0-9a-fA-F]{2}", reply):
             what = payload if isinstance(payload, str) else payload.decode("ascii", "replace")
-            raise SourceError(f"gdb://{self.address}: the stub answered {what.split(':')[0]!r} with {reply.decode() or 'nothing (unsupported)'}")
+            raise SourceError(f"gdb://{self.address}: the stub answered {what.split(':')[0]!r} "
+                              f"with {reply.decode() or 'nothing (unsupported)'}")
         return reply
 
     def require_qemu(self) -> set[str]:
@@ -91,7 +92,8 @@ class QemuQueries:
         reply = self.command(b"qqemu.Supported")
         if not reply or reply.startswith(b"E"):
             raise SourceError(
-                f"gdb://{self.address}: not a QEMU gdbstub (no reply to qqemu.Supported); windump needs QEMU's physical-memory mode"
+                f"gdb://{self.address}: not a QEMU gdbstub (no reply to qqemu.Supported); "
+                f"windump needs QEMU's physical-memory mode"
             )
         return set(reply.decode("ascii", "replace").split(";"))
 
@@ -100,7 +102,8 @@ class QemuQueries:
         query = "qqemu.PhyMemMode"
         reply = self.checked(query)
         if not reply.isdigit():
-            raise SourceError(f"gdb://{self.address}: the stub answered {query!r} with {reply.decode('ascii', 'replace')[:20]}")
+            raise SourceError(f"gdb://{self.address}: the stub answered {query!r} "
+                              f"with {reply.decode('ascii', 'replace')[:20]}")
         return int(reply)
 
     def set_phy_mem_mode(self, mode: int) -> None:
@@ -277,7 +280,8 @@ class RemoteStub(QemuQueries):
                     return b"".join(output).decode("utf-8", "replace").replace("\r\n", "\n")
                 elif reply == b"":
                     raise SourceError(f"gdb://{self.address}: the stub runs no monitor commands (qRcmd)")
-                raise SourceError(f"gdb://{self.address}: monitor command {command!r} failed: {reply.decode('ascii', 'replace')[:40]}")
+                raise SourceError(f"gdb://{self.address}: monitor command {command!r} failed: "
+                                  f"{reply.decode('ascii', 'replace')[:40]}")
 
     def detach(self) -> None:
         """``D`` for every process: the stub resumes the VM once none is attached.

@@ -122,9 +122,11 @@ class PipelinedReads:
         stated = HEX_VALUE[raw[ends + 1]] * 16 + HEX_VALUE[raw[ends + 2]]  # above 0xff: not hex
         del raw  # the bytearray cannot shrink while numpy views it
         try:
-            for (start, end), total, expected, index in zip(spans, sums.tolist(), stated.tolist(), range(done, done + len(spans))):
+            indices = range(done, done + len(spans))
+            for (start, end), total, expected, index in zip(spans, sums.tolist(), stated.tolist(), indices):
                 if expected > 0xFF:
-                    raise wire.fail(f"gdb://{wire.address}: malformed packet checksum {bytes(wire.received[end + 1 : end + 3])!r}")
+                    raise wire.fail(f"gdb://{wire.address}: malformed packet checksum "
+                                    f"{bytes(wire.received[end + 1 : end + 3])!r}")
                 if expected != total:
                     raise wire.fail(f"gdb://{wire.address}: reply with a bad checksum")
                 self._read_reply(wire.received[start + 1 : end], view, offsets[index], address)
@@ -144,5 +146,6 @@ class PipelinedReads:
         except (ValueError, SourceError):  # binascii.Error is a ValueError; also a wrong length
             reply = body.decode("ascii", "replace")[:20]
             raise SourceError(
-                f"gdb://{self.wire.address}: cannot read {length:#x} bytes at {address + offset:#x}: the stub answered {reply!r}"
+                f"gdb://{self.wire.address}: cannot read {length:#x} bytes at {address + offset:#x}: "
+                f"the stub answered {reply!r}"
             ) from None

@@ -156,7 +156,8 @@ class RspWire:
         try:
             expected = int(buffer[end + 1 : end + 3], 16)
         except ValueError:
-            raise self.fail(f"gdb://{self.address}: malformed packet checksum {bytes(buffer[end + 1 : end + 3])!r}") from None
+            raise self.fail(f"gdb://{self.address}: malformed packet checksum "
+                            f"{bytes(buffer[end + 1 : end + 3])!r}") from None
         if checksum(buffer[start + 1 : end]) != expected:
             raise self.fail(f"gdb://{self.address}: reply with a bad checksum")
 

@@ -44,7 +44,8 @@ class ProcessRam(RamReader):
                 raise
             if self._on_quit is not None:
                 self._on_quit()
-            raise SourceError(f"{self.description}: QEMU (process {self.pid}) quit while its RAM was being read") from None
+            raise SourceError(f"{self.description}: QEMU (process {self.pid}) quit while its RAM "
+                              f"was being read") from None
 
     def close(self) -> None:
         self.process.close()

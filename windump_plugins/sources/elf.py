@@ -8,6 +8,7 @@ from ..formats.elf import ELFMAG
 from ..hookspecs import SourceKind, hookimpl
 from ..source import MemorySource
 
+
 @hookimpl
 def windump_open_file(path: str, head: bytes) -> MemorySource | None:
     """Open ``path`` when it starts with the ELF magic."""

@@ -178,7 +178,8 @@ class GdbStubSource(MemorySource):
         """Check it is QEMU, switch to physical memory (until :meth:`_leave`), open a RAM reader."""
         self.stub = stub
         if "PhyMemMode" not in stub.require_qemu():
-            raise SourceError(f"{self.description}: this QEMU gdbstub offers no PhyMemMode, so it cannot read physical memory (a newer QEMU can)")
+            raise SourceError(f"{self.description}: this QEMU gdbstub offers no PhyMemMode, so it cannot read "
+                              f"physical memory (a newer QEMU can)")
         self._phy_mem_mode = PhyMemMode(stub, resume=resume, reconnect=reconnect)
         self._stack.callback(self._leave)
         regions = parse_ram_map(stub.monitor("info mtree -f"))
@@ -266,7 +267,8 @@ class GdbStubSource(MemorySource):
                     if size is not None:
                         self.vmcoreinfo_address = address
                         return self.read(address, size)
-            raise SourceError(f"{self.description}: no VMCOREINFO note with a dump header at header-pa {self.header_pa:#x}")
+            raise SourceError(f"{self.description}: no VMCOREINFO note with a dump header "
+                              f"at header-pa {self.header_pa:#x}")
         found = scan_for_note(self)
         if found is None:
             return None
@@ -280,7 +282,8 @@ class GdbStubSource(MemorySource):
             states = self.stub.vcpu_registers()
             debug = self.debug_registers(len(states))
         return [
-            CpuState(index, {**debug[index], **{_REGISTER_NAMES.get(name, name): value for name, value in registers.items()}})
+            CpuState(index, {**debug[index],
+                             **{_REGISTER_NAMES.get(name, name): value for name, value in registers.items()}})
             for index, registers in enumerate(states)
         ]
 
