@@ -61,7 +61,8 @@ def windump_round(qemu: QemuGuest, path: str, output: Path) -> tuple[float, floa
     finally:
         source.close()
         qemu._connect_qmp()
-    return seconds, source.paused_seconds
+    paused = source.access().paused_seconds
+    return seconds, paused if paused is not None else 0.0
 
 
 def run(memory: str, directory: Path, paths: list[str], repeat: int) -> dict:
