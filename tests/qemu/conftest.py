@@ -2,37 +2,54 @@
 take QEMU's own dumps of it.
 
 Tests marked ``qemu`` skip loudly when QEMU or the guest's toolchain is missing, and fail instead
-when ``WINDUMP_REQUIRE_QEMU=1`` (CI sets it where QEMU is installed).
+when ``WINDUMP_REQUIRE_QEMU=1`` (CI sets it where QEMU is installed); so do those that need gdb.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from qemu_guest import LARGE_VARIANT, VARIANTS, Machine, QemuGuest, Variant, build_guest, missing_tools
+from qemu_guest import VARIANTS, Machine, QemuGuest, Variant, build_guest, missing_tools
 
 from windump_plugins.guest.model import CrashedGuest
+
+
+def unavailable(reason: str) -> None:
+    """Skip loudly; fail instead under WINDUMP_REQUIRE_QEMU=1, where every test bed tool must be there."""
+    if os.environ.get("WINDUMP_REQUIRE_QEMU") == "1":
+        pytest.fail(f"{reason} (WINDUMP_REQUIRE_QEMU=1)")
+    pytest.skip(reason)
 
 
 def require_qemu() -> None:
     """Skip loudly without QEMU or the guest's toolchain; fail instead under WINDUMP_REQUIRE_QEMU=1."""
     missing = missing_tools()
     if missing:
-        reason = f"QEMU TEST BED UNAVAILABLE: {', '.join(missing)} not on PATH"
-        if os.environ.get("WINDUMP_REQUIRE_QEMU") == "1":
-            pytest.fail(f"{reason} (WINDUMP_REQUIRE_QEMU=1)")
-        pytest.skip(reason)
+        unavailable(f"QEMU TEST BED UNAVAILABLE: {', '.join(missing)} not on PATH")
+
+
+def require_gdb() -> None:
+    """Skip loudly without gdb; fail instead under WINDUMP_REQUIRE_QEMU=1."""
+    if shutil.which("gdb") is None:
+        unavailable("gdb is not installed")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gdb: needs gdb (skips without it unless WINDUMP_REQUIRE_QEMU=1)")
 
 
 @pytest.fixture(autouse=True)
-def _require_qemu(request: pytest.FixtureRequest) -> None:
+def _require_tools(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("qemu") is not None:
         require_qemu()
+    if request.node.get_closest_marker("gdb") is not None:
+        require_gdb()
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +82,27 @@ def machine_ram(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Machine],
 @dataclass
 class BootedGuest:
     """A QEMU with the test guest booted from ``model`` and stopped (the running variant is left
-    running); ``workdir`` holds its files, ``win_dmp`` caches QEMU's win-dmp and the registers."""
+    running), its RAM shared under /dev/shm; ``workdir`` holds its files."""
 
     variant: Variant
     model: CrashedGuest
     qemu: QemuGuest
     workdir: Path
-    win_dmp: tuple[Path, list[dict[str, int]]] | None = None
+    _win_dmp: tuple[Path, list[dict[str, int]]] | None = field(default=None, repr=False)
+
+    def win_dmp(self) -> tuple[Path, list[dict[str, int]]]:
+        """QEMU's win-dmp of the stopped guest and every vCPU's registers at that moment: the
+        reference every comparison with this guest uses, taken once per boot."""
+        if self._win_dmp is None:
+            self.qemu.execute("stop")
+            self._win_dmp = self.qemu.dump(self.workdir / "qemu.dmp"), self.qemu.registers()
+        return self._win_dmp
+
+    def close(self) -> None:
+        """Kill QEMU and delete the guest's files (its reference dump included)."""
+        self.qemu.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._win_dmp = None
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +114,7 @@ def boot_guest(guest_kernel: Path, machine_ram: Callable[[Machine], np.ndarray],
     def boot(variant: Variant) -> BootedGuest:
         model = CrashedGuest(ram=machine_ram(variant.machine), cpus=variant.machine.cpus, **variant.model)
         workdir = tmp_path_factory.mktemp(variant.name)
-        qemu = QemuGuest(variant.machine, workdir, guest_kernel, model.image)
+        qemu = QemuGuest(variant.machine, workdir, guest_kernel, model.image, shared_ram=True)
         started.append(qemu)
         qemu.boot()
         if not variant.model.get("keep_running"):
@@ -113,11 +144,3 @@ def booted_once(boot_guest: Callable[[Variant], BootedGuest]) -> Callable[[Varia
 def booted(request: pytest.FixtureRequest, booted_once: Callable[[Variant], BootedGuest]) -> BootedGuest:
     """The booted guest of each variant (tests narrow the list with indirect parametrization)."""
     return booted_once(request.param)
-
-
-@pytest.fixture
-def booted_large(boot_guest: Callable[[Variant], BootedGuest]) -> Iterator[BootedGuest]:
-    """The 4 GiB guest (RAM above 4 GiB on ``pc``), killed right after its test: it holds 4 GiB."""
-    guest = boot_guest(LARGE_VARIANT)
-    yield guest
-    guest.qemu.kill()
