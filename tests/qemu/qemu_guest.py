@@ -129,6 +129,8 @@ class Variant:
     model: dict = field(default_factory=dict)
 
 
+#: The KDBG on two physically contiguous pages (forward-mapped KERNEL_DATA).
+FORWARD_VARIANT = Variant("pc-256M-2cpu-forward", Machine("pc", "256M", 2), {"forward_kernel_data": True})
 #: The variants every per-guest test runs on (all 256 MiB: the session keeps them booted).
 VARIANTS = [
     Variant("pc-256M-1cpu", Machine("pc", "256M", 1)),
@@ -136,9 +138,8 @@ VARIANTS = [
     Variant("pc-256M-2cpu-encoded-kdbg", Machine("pc", "256M", 2), {"encoded_kdbg": True}),
     Variant("pc-256M-1cpu-bugcheck0", Machine("pc", "256M", 1), {"bugcheck_code": 0}),
     Variant("pc-256M-2cpu-keep-running", Machine("pc", "256M", 2), {"keep_running": True}),
+    FORWARD_VARIANT,
 ]
-#: The KDBG on two physically contiguous pages (forward-mapped KERNEL_DATA).
-FORWARD_VARIANT = Variant("pc-256M-2cpu-forward", Machine("pc", "256M", 2), {"forward_kernel_data": True})
 #: RAM above 4 GiB: 1 GiB of it on pc, 2 GiB on q35 (whose low RAM stops at 2 GiB).
 LARGE_VARIANTS = [Variant("pc-4G-2cpu", Machine("pc", "4G", 2)), Variant("q35-4G-2cpu", Machine("q35", "4G", 2))]
 

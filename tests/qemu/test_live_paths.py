@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def on(*variants) -> pytest.MarkDecorator:
 class Compared:
     """A booted guest, QEMU's win-dmp of it and its RAM's digests before any path read it."""
 
-    booted: object  # conftest.BootedGuest
+    booted: Any  # conftest.BootedGuest (conftest is no module to import from)
     win_dmp: Path
     ram_before: dict[int, str]
 

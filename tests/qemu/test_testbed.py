@@ -238,7 +238,7 @@ def outside(ranges: list[list[int]], holes: list[list[int]]) -> list[tuple[int, 
 @only(VARIANT["pc-256M-1cpu"], VARIANT["q35-256M-4cpu"])
 def test_ram_map_matches_qemu(booted, tmp_path):
     """The RAM the model was built for (from the idle machine's ``info mtree -f``) is all in QEMU's
-    ELF of the booted machine, which adds only known non-RAM blocks; pc's equals guestmodel.pc_ram."""
+    ELF of the booted machine, which adds only known non-RAM blocks; pc's equals guest.ram.pc_ram."""
     loads = elf_loads(booted.qemu.dump(tmp_path / "full.elf", "elf")).tolist()
     ram = booted.model.ram.tolist()
     assert outside(ram, loads) == []
