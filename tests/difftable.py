@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from windump_plugins.formats.context import CONTEXT
 from windump_plugins.dumpfile import DumpFile, run_segments
 from windump_plugins.errors import FormatError, WindumpError
+from windump_plugins.formats.context import CONTEXT
 from windump_plugins.formats.dumpheader import PAGE_SIZE
 from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from windump_plugins.paging import AddressSpace
