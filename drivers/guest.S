@@ -2,17 +2,19 @@
  * A bare-metal x86-64 guest that plays a crashed Windows kernel for QEMU's dump-guest-memory -w.
  *
  * QEMU's multiboot loader enters _start in 32-bit protected mode. The guest reads the model's
- * BOOT_PARAMS at IMAGE_BASE (windump_plugins/guestmodel.py), enters long mode on the model's page
+ * BOOT_PARAMS at IMAGE_BASE (windump_plugins/guest/boot.py), enters long mode on the model's page
  * tables, stamps the model's pages, publishes the model's VMCOREINFO note through the fw_cfg file
  * etc/vmcoreinfo (as virtio-win's fwcfg64 driver does), starts the APs, loads every CPU's BOOT_CPU
  * record and halts. Progress and failures go to the debugcon port 0xE9 as "WINDUMP-..." lines.
  *
  * Physical memory the guest itself uses: [0x8000, 0x9000) for the AP trampoline and its kernel
- * image at [0x100000, 0x10A000), and it zeroes the rest of [0x100000, 2 MiB); the model stamps
- * pages from 2 MiB up only.
+ * image at [0x100000, 0x10A000), and it zeroes the rest of [0x100000, GUEST_RESERVED_END); the
+ * model stamps pages from there up only. Every .set below that boot.py also defines must agree
+ * with it (tests/test_guestmodel.py checks).
  */
 
         .set IMAGE_BASE,        0x400000
+        .set GUEST_RESERVED_END, 0x200000
         .set BOOT_MAGIC_LO,     0x4F424457      /* "WDBOOT01" */
         .set BOOT_MAGIC_HI,     0x3130544F
         .set BP_CR3,            0x008
@@ -206,7 +208,7 @@ bsp64:
         sub %rdi, %rcx
         rep stosb
         mov $guest_end, %rdi
-        mov $0x200000, %rcx
+        mov $GUEST_RESERVED_END, %rcx
         sub %rdi, %rcx
         rep stosb
 

@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from windump_plugins.formats.context import CONTEXT
 from windump_plugins.dumpfile import DumpFile, run_segments
 from windump_plugins.errors import FormatError, WindumpError
+from windump_plugins.formats.context import CONTEXT
 from windump_plugins.formats.dumpheader import PAGE_SIZE
 from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, OWNER_TAG
 from windump_plugins.paging import AddressSpace
@@ -135,23 +135,35 @@ def header_field_name(dtype: np.dtype, offset: int) -> str:
 
 
 def _differing_regions(ours_path: str, theirs_path: str, masked: list[Masked]) -> list[tuple[int, int]]:
-    """``(offset, end)`` stretches where the two equal-sized files differ outside ``masked``."""
-    ours = np.memmap(ours_path, dtype=np.uint8, mode="r")
-    theirs = np.memmap(theirs_path, dtype=np.uint8, mode="r")
+    """``(offset, end)`` stretches where the two equal-sized files differ outside ``masked``.
+
+    The files are read a chunk at a time into two reused buffers; a chunk whose 8-byte words all
+    agree is done with, and only a differing chunk is compared byte by byte and masked.
+    """
+    ours_buffer = np.empty(COMPARE_CHUNK, dtype=np.uint8)
+    theirs_buffer = np.empty(COMPARE_CHUNK, dtype=np.uint8)
     regions: list[tuple[int, int]] = []
-    for start in range(0, ours.size, COMPARE_CHUNK):
-        stop = min(start + COMPARE_CHUNK, ours.size)
-        differs = ours[start:stop] != theirs[start:stop]
-        for offset, length, _row in masked:
-            lo, hi = max(offset, start), min(offset + length, stop)
-            if lo < hi:
-                differs[lo - start : hi - start] = False
-        edges = np.flatnonzero(np.diff(np.concatenate(([False], differs, [False])).astype(np.int8)))
-        stretches = edges.reshape(-1, 2) + start
-        if regions and stretches.size and regions[-1][1] == stretches[0, 0]:
-            regions[-1] = (regions[-1][0], int(stretches[0, 1]))
-            stretches = stretches[1:]
-        regions += [(int(a), int(b)) for a, b in stretches]
+    with open(ours_path, "rb", buffering=0) as ours_file, open(theirs_path, "rb", buffering=0) as theirs_file:
+        size = os.fstat(ours_file.fileno()).st_size
+        for start in range(0, size, COMPARE_CHUNK):
+            stop = min(start + COMPARE_CHUNK, size)
+            ours, theirs = ours_buffer[: stop - start], theirs_buffer[: stop - start]
+            for file, buffer in ((ours_file, ours), (theirs_file, theirs)):
+                if file.readinto(memoryview(buffer)) != len(buffer):
+                    raise AssertionError(f"{file.name} ended before {stop} bytes")
+            if not len(ours) % 8 and np.array_equal(ours.view("<u8"), theirs.view("<u8")):
+                continue
+            differs = ours != theirs
+            for offset, length, _row in masked:
+                lo, hi = max(offset, start), min(offset + length, stop)
+                if lo < hi:
+                    differs[lo - start : hi - start] = False
+            edges = np.flatnonzero(np.diff(np.concatenate(([False], differs, [False])).astype(np.int8)))
+            stretches = edges.reshape(-1, 2) + start
+            if regions and stretches.size and regions[-1][1] == stretches[0, 0]:
+                regions[-1] = (regions[-1][0], int(stretches[0, 1]))
+                stretches = stretches[1:]
+            regions += [(int(a), int(b)) for a, b in stretches]
     return regions
 
 

@@ -7,7 +7,6 @@ import re
 import shutil
 
 import pytest
-
 from difftable import (
     Row,
     assert_same_outside_differences,
@@ -15,8 +14,9 @@ from difftable import (
     header_field_name,
     load_differences,
 )
-from windump_plugins.formats.context import CONTEXT
+
 from windump_plugins.errors import FormatError
+from windump_plugins.formats.context import CONTEXT
 from windump_plugins.formats.dumpheader import DUMP_HEADER64, PAGE_SHIFT, PAGE_SIZE
 from windump_plugins.guest.model import CrashedGuest
 from windump_plugins.save import save

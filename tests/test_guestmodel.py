@@ -1,33 +1,38 @@
 """The crashed-guest model checked from outside: page tables walked by hand, structures read back
-through them, and the CONTEXT layout pinned field by field."""
+through them, the CONTEXT layout pinned field by field, and the boot contract with
+``drivers/guest.S`` read from the assembly source."""
 
 from __future__ import annotations
 
+import re
 import struct
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from windump_plugins.formats import context as ctx
 from windump_plugins.errors import SourceError, TranslationError
+from windump_plugins.formats import context as ctx
 from windump_plugins.formats.dumpheader import DUMP_HEADER64, header_runs
-from windump_plugins.guest.model import (
+from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, decode_kdbg
+from windump_plugins.formats.kuser import KUSER_SHARED_DATA
+from windump_plugins.guest import boot
+from windump_plugins.guest.boot import (
     BOOT_FLAG_KEEP_RUNNING,
     BOOT_MAGIC,
     BOOT_PARAMS,
     IMAGE_BASE,
     KERNEL_SELECTORS,
-    KUSER_SHARED_DATA,
-    SAMPLE_RAM,
     STAMP_MAGIC,
-    CrashedGuest,
-    pc_ram,
 )
-from windump_plugins.formats.kdbg import KDDEBUGGER_DATA64, decode_kdbg
+from windump_plugins.guest.layout import KERNEL_DATA, KERNEL_DATA_PAGES
+from windump_plugins.guest.model import CrashedGuest
+from windump_plugins.guest.ram import SAMPLE_RAM, pc_ram
 
 PAGE = 0x1000
 GIB = 1 << 30
+GUEST_S = Path(__file__).resolve().parent.parent / "drivers" / "guest.S"
 
 
 def u64(guest: CrashedGuest, physical: int) -> int:
@@ -87,6 +92,11 @@ def encoded() -> CrashedGuest:
     return CrashedGuest(cpus=4, encoded_kdbg=True, processor_order=[2, 0, 3, 1])
 
 
+@pytest.fixture(scope="module")
+def forward() -> CrashedGuest:
+    return CrashedGuest(cpus=4, encoded_kdbg=True, processor_order=[2, 0, 3, 1], forward_kernel_data=True)
+
+
 def kdbg_of(guest: CrashedGuest) -> np.ndarray:
     raw = read_virtual(guest, guest.kdbg_address, 0x368)
     if guest.encoded_kdbg:
@@ -135,8 +145,9 @@ def test_context_from_registers_fills_what_it_has():
 
 # -- page tables -----------------------------------------------------------------------------------
 
-def test_hand_walk_agrees_with_bookkeeping_for_every_page_size(encoded):
-    g = encoded
+@pytest.mark.parametrize("model", ["encoded", "forward"])
+def test_hand_walk_agrees_with_bookkeeping_for_every_page_size(model, request):
+    g = request.getfixturevalue(model)
     cases = {  # va -> expected page size
         0x0: GIB, 0x12345678: GIB, IMAGE_BASE + 0x1234: GIB, 5 * GIB + 0x777: GIB,
         g.kernel_base: 2 << 20, g.ki_bugcheck_data: 2 << 20, g.ki_processor_block + 8: 2 << 20,
@@ -162,9 +173,30 @@ def test_4k_pages_are_not_physically_contiguous(guest):
     assert guest.kdbg_address % 16 == 0 and (guest.kdbg_address + 0x368) // PAGE != guest.kdbg_address // PAGE
 
 
+def test_forward_kernel_data_puts_the_kdbg_on_contiguous_pages(forward):
+    """Forward-mapped, the KDBG's two pages are physical neighbours: one physical read covers it."""
+    g = forward
+    first, last = walk(g, g.kdbg_address)[0], walk(g, g.kdbg_address + 0x368 - 1)[0]
+    assert first // PAGE != last // PAGE and last - first == 0x368 - 1
+    assert g.read(first, 0x368) == read_virtual(g, g.kdbg_address, 0x368)
+
+
+def test_forward_and_reverse_map_the_same_kernel_data(encoded, forward):
+    """Only the physical order of the KERNEL_DATA pages differs: through the page tables both
+    models hold the same bytes, and each physical page sits where the other model's mirror does."""
+    frames = []
+    for page in range(KERNEL_DATA_PAGES):
+        va = KERNEL_DATA + page * PAGE
+        assert read_virtual(forward, va, PAGE) == read_virtual(encoded, va, PAGE), hex(va)
+        frames.append((walk(forward, va)[0], walk(encoded, va)[0]))
+    assert [f for f, _ in frames] == sorted(f for f, _ in frames)
+    assert [r for _, r in frames] == sorted((r for _, r in frames), reverse=True)
+    assert {f for f, _ in frames} == {r for _, r in frames}
+
+
 # -- kernel structures -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["guest", "encoded"])
+@pytest.mark.parametrize("model", ["guest", "encoded", "forward"])
 def test_kdbg_and_the_variables_it_points_at(model, request):
     g = request.getfixturevalue(model)
     kdbg = kdbg_of(g)
@@ -360,3 +392,51 @@ def test_deterministic_and_default_ram():
     assert CrashedGuest().header.tobytes()[0x1058:] == b"PAGE" * ((0x2000 - 0x1058) // 4)
     assert CrashedGuest().ram.tolist() == [list(r) for r in SAMPLE_RAM]
     assert sum(end - start for start, end in SAMPLE_RAM) >= 32 << 20
+
+
+# -- the boot contract with drivers/guest.S --------------------------------------------------------
+
+def guest_constants() -> dict[str, int]:
+    """Every ``.set NAME, VALUE`` of the test guest's assembly source."""
+    sets = re.findall(r"^\s*\.set\s+(\w+),\s*(0x[0-9A-Fa-f]+|\d+)", GUEST_S.read_text(), re.MULTILINE)
+    return {name: int(value, 0) for name, value in sets}
+
+
+def test_guest_assembly_agrees_with_the_boot_contract():
+    """drivers/guest.S repeats boot.py's numbers: each must be the same on both sides."""
+    guest = guest_constants()
+    fields = {name: BOOT_PARAMS.fields[name][1] for name in BOOT_PARAMS.names}
+    cpu_fields = {name: boot.BOOT_CPU.fields[name][1] for name in boot.BOOT_CPU.names}
+    expected = {
+        "IMAGE_BASE": IMAGE_BASE, "GUEST_RESERVED_END": boot.GUEST_RESERVED_END,
+        "BOOT_MAGIC_LO": BOOT_MAGIC & 0xFFFFFFFF, "BOOT_MAGIC_HI": BOOT_MAGIC >> 32,
+        "BP_CR3": fields["Cr3"], "BP_CPU_COUNT": fields["CpuCount"], "BP_NOTE_SIZE": fields["NoteSize"],
+        "BP_NOTE_ADDRESS": fields["NoteAddress"], "BP_STAMP_COUNT": fields["StampRangeCount"],
+        "BP_FLAGS": fields["Flags"], "BP_BUSY_ADDRESS": fields["BusyAddress"],
+        "BP_STAMP_RANGES": fields["StampRanges"], "BP_CPU": fields["Cpu"],
+        "BOOT_CPU_SIZE": boot.BOOT_CPU.itemsize, "MAX_CPUS": boot.MAX_CPUS,
+        "MAX_STAMP_RANGES": boot.MAX_STAMP_RANGES, "STAMP_MAGIC": STAMP_MAGIC,
+        "BOOT_FLAG_KEEP_RUNNING": BOOT_FLAG_KEEP_RUNNING,
+        "CPU_GPR": cpu_fields["Gpr"], "CPU_RFLAGS": cpu_fields["Rflags"], "CPU_GS_BASE": cpu_fields["GsBase"],
+        "CPU_KERNEL_GS_BASE": cpu_fields["KernelGsBase"], "CPU_FS_BASE": cpu_fields["FsBase"],
+        "CPU_DR": cpu_fields["Dr"], "CPU_DR7": cpu_fields["Dr7"], "CPU_MXCSR": cpu_fields["MxCsr"],
+        "CPU_XMM": cpu_fields["Xmm"],
+        "KGDT64_R0_CODE": KERNEL_SELECTORS["cs"], "KGDT64_R0_DATA": KERNEL_SELECTORS["ss"],
+        "KGDT64_R3_DATA": KERNEL_SELECTORS["ds"], "KGDT64_R3_CMTEB": KERNEL_SELECTORS["fs"],
+    }
+    differing = {name: (value, guest.get(name)) for name, value in expected.items() if guest.get(name) != value}
+    assert not differing, f"(boot.py, guest.S) disagree: {differing}"
+    assert KERNEL_SELECTORS["es"] == KERNEL_SELECTORS["gs"] == KERNEL_SELECTORS["ds"]
+    record_shift = re.search(r"shl \$(\d+), %r15\s*/\* \* BOOT_CPU_SIZE", GUEST_S.read_text())
+    assert record_shift and 1 << int(record_shift[1]) == boot.BOOT_CPU.itemsize
+
+
+def test_guest_pops_the_gprs_in_boot_gpr_order():
+    """load_cpu pops BOOT_CPU.Gpr off a frame: its pops (rsp's slot skipped, loaded last) are
+    BOOT_GPR_ORDER."""
+    text = GUEST_S.read_text()
+    body = text[text.index("\nload_cpu:"):]
+    body = body[:body.index("hlt")]
+    popped = re.findall(r"^\s*(pop %(\w+)|lea 8\(%rsp\), %rsp)", body, re.MULTILINE)
+    order = [register or "rsp" for _, register in popped]
+    assert tuple(order) == boot.BOOT_GPR_ORDER

@@ -235,12 +235,12 @@ def test_shared_backend_is_mapped_and_copied_in_the_kernel(fake_qemu):
 def test_running_guest_is_paused_only_until_reading_is_done(fake_qemu):
     qemu, guest = fake_qemu(running=True)
     with QmpSource(qemu.path, memory="stream") as source:
-        assert not qemu.running and source.was_running
+        assert not qemu.running and source.qmp.was_running
         read_all(source, guest)
         source.reading_done()
         assert qemu.running
         paused = source.access().paused_seconds
-        assert 0 < paused == source.paused_seconds
+        assert 0 < paused == source.qmp.paused_seconds
         assert qemu.commands.count("cont") == 1
     assert qemu.commands.count("cont") == 1
 

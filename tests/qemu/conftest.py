@@ -2,19 +2,20 @@
 take QEMU's own dumps of it.
 
 Tests marked ``qemu`` skip loudly when QEMU or the guest's toolchain is missing, and fail instead
-when ``WINDUMP_REQUIRE_QEMU=1`` (CI sets it where QEMU is installed).
+when ``WINDUMP_REQUIRE_QEMU=1`` (CI sets it where QEMU is installed); so do those that need gdb.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gate import require
-from qemu_guest import LARGE_VARIANT, TOOLS, VARIANTS, Machine, QemuGuest, Variant, build_guest
+from qemu_guest import TOOLS, VARIANTS, Machine, QemuGuest, Variant, build_guest
 
 from windump_plugins.guest.model import CrashedGuest
 
@@ -24,10 +25,16 @@ def require_qemu() -> None:
     require(*TOOLS)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gdb: needs gdb (skips without it unless WINDUMP_REQUIRE_QEMU=1)")
+
+
 @pytest.fixture(autouse=True)
-def _require_qemu(request: pytest.FixtureRequest) -> None:
+def _require_tools(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("qemu") is not None:
         require_qemu()
+    if request.node.get_closest_marker("gdb") is not None:
+        require("gdb")
 
 
 @pytest.fixture(scope="session")
@@ -60,13 +67,27 @@ def machine_ram(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Machine],
 @dataclass
 class BootedGuest:
     """A QEMU with the test guest booted from ``model`` and stopped (the running variant is left
-    running); ``workdir`` holds its files, ``win_dmp`` caches QEMU's win-dmp and the registers."""
+    running), its RAM shared under /dev/shm; ``workdir`` holds its files."""
 
     variant: Variant
     model: CrashedGuest
     qemu: QemuGuest
     workdir: Path
-    win_dmp: tuple[Path, list[dict[str, int]]] | None = None
+    _win_dmp: tuple[Path, list[dict[str, int]]] | None = field(default=None, repr=False)
+
+    def win_dmp(self) -> tuple[Path, list[dict[str, int]]]:
+        """QEMU's win-dmp of the stopped guest and every vCPU's registers at that moment: the
+        reference every comparison with this guest uses, taken once per boot."""
+        if self._win_dmp is None:
+            self.qemu.execute("stop")
+            self._win_dmp = self.qemu.dump(self.workdir / "qemu.dmp"), self.qemu.registers()
+        return self._win_dmp
+
+    def close(self) -> None:
+        """Kill QEMU and delete the guest's files (its reference dump included)."""
+        self.qemu.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._win_dmp = None
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +99,7 @@ def boot_guest(guest_kernel: Path, machine_ram: Callable[[Machine], np.ndarray],
     def boot(variant: Variant) -> BootedGuest:
         model = CrashedGuest(ram=machine_ram(variant.machine), cpus=variant.machine.cpus, **variant.model)
         workdir = tmp_path_factory.mktemp(variant.name)
-        qemu = QemuGuest(variant.machine, workdir, guest_kernel, model.image)
+        qemu = QemuGuest(variant.machine, workdir, guest_kernel, model.image, shared_ram=True)
         started.append(qemu)
         qemu.boot()
         if not variant.model.get("keep_running"):
@@ -108,11 +129,3 @@ def booted_once(boot_guest: Callable[[Variant], BootedGuest]) -> Callable[[Varia
 def booted(request: pytest.FixtureRequest, booted_once: Callable[[Variant], BootedGuest]) -> BootedGuest:
     """The booted guest of each variant (tests narrow the list with indirect parametrization)."""
     return booted_once(request.param)
-
-
-@pytest.fixture
-def booted_large(boot_guest: Callable[[Variant], BootedGuest]) -> Iterator[BootedGuest]:
-    """The 4 GiB guest (RAM above 4 GiB on ``pc``), killed right after its test: it holds 4 GiB."""
-    guest = boot_guest(LARGE_VARIANT)
-    yield guest
-    guest.qemu.kill()

@@ -1,5 +1,5 @@
 """QEMU running the bare-metal test guest of ``drivers/``: its build, the machine's RAM map, the
-command line, readiness, a QMP client and QEMU's own dumps of the guest.
+command line, readiness, a QMP client, QEMU's own dumps of the guest and QEMU's own view of its RAM.
 
 Everything here is deterministic on purpose: ``-icount shift=0,sleep=off`` and a VM-clock RTC make
 two boots of the same image produce bit-identical dumps.
@@ -7,6 +7,10 @@ two boots of the same image produce bit-identical dumps.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -14,6 +18,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +29,7 @@ from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from windump_plugins.formats.dumpheader import DUMP_HEADER64, PAGE_SHIFT
-from windump_plugins.guest.model import IMAGE_BASE
+from windump_plugins.guest.boot import IMAGE_BASE
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "drivers" / "build.sh"
@@ -44,6 +49,11 @@ DETERMINISM = ["-icount", "shift=0,sleep=off", "-rtc", "base=2024-01-01T00:00:00
 
 #: The model's page tables use 1 GiB pages, which the default qemu64 CPU does not advertise.
 CPU = "qemu64,+pdpe1gb"
+
+#: Guest RAM hashed per piece of this size, so that a difference names where it is.
+DIGEST_PIECE = 1 << 20
+
+_guest_numbers = itertools.count()
 
 
 class GuestError(AssertionError):
@@ -119,21 +129,30 @@ class Variant:
     model: dict = field(default_factory=dict)
 
 
-#: The variants every per-guest test runs on; the 4 GiB one only where its dump size is worth it.
+#: The KDBG on two physically contiguous pages (forward-mapped KERNEL_DATA).
+FORWARD_VARIANT = Variant("pc-256M-2cpu-forward", Machine("pc", "256M", 2), {"forward_kernel_data": True})
+#: The variants every per-guest test runs on (all 256 MiB: the session keeps them booted).
 VARIANTS = [
     Variant("pc-256M-1cpu", Machine("pc", "256M", 1)),
     Variant("q35-256M-4cpu", Machine("q35", "256M", 4)),
     Variant("pc-256M-2cpu-encoded-kdbg", Machine("pc", "256M", 2), {"encoded_kdbg": True}),
     Variant("pc-256M-1cpu-bugcheck0", Machine("pc", "256M", 1), {"bugcheck_code": 0}),
     Variant("pc-256M-2cpu-keep-running", Machine("pc", "256M", 2), {"keep_running": True}),
+    FORWARD_VARIANT,
 ]
-LARGE_VARIANT = Variant("pc-4G-2cpu", Machine("pc", "4G", 2))
+#: RAM above 4 GiB: 1 GiB of it on pc, 2 GiB on q35 (whose low RAM stops at 2 GiB).
+LARGE_VARIANTS = [Variant("pc-4G-2cpu", Machine("pc", "4G", 2)), Variant("q35-4G-2cpu", Machine("q35", "4G", 2))]
 
 
 class QemuGuest:
-    """One QEMU process; start it with :meth:`boot` and always :meth:`kill` it (by PID)."""
+    """One QEMU process; start it with :meth:`boot` and always :meth:`kill` it (by PID).
 
-    def __init__(self, machine: Machine, workdir: Path, kernel: Path | None = None, image: bytes | None = None):
+    With ``shared_ram`` its RAM is a shared memory-backend-file under /dev/shm (which windump's
+    ``shm`` path maps), and a second QMP monitor listens on TCP at ``tcp_port``.
+    """
+
+    def __init__(self, machine: Machine, workdir: Path, kernel: Path | None = None, image: bytes | None = None,
+                 *, shared_ram: bool = False):
         self.machine = machine
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +163,14 @@ class QemuGuest:
         self.command = [QEMU, *machine_args(machine.machine, machine.memory, machine.cpus),
                         "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                         "-gdb", f"tcp:127.0.0.1:{self.gdb_port}", "-debugcon", f"file:{self.debugcon}"]
+        self.mem_path: Path | None = None
+        self.tcp_port: int | None = None
+        if shared_ram:
+            self.mem_path = Path(f"/dev/shm/windump-test-{os.getpid()}-{next(_guest_numbers)}")
+            self.tcp_port = free_port()
+            self.command += ["-object", f"memory-backend-file,id=ram,size={machine.memory},mem-path={self.mem_path},"
+                             "share=on", "-machine", "memory-backend=ram",
+                             "-qmp", f"tcp:127.0.0.1:{self.tcp_port},server=on,wait=off"]
         if kernel is None:
             self.command.append("-S")
         else:
@@ -242,8 +269,55 @@ class QemuGuest:
         self.last_dump_seconds = time.monotonic() - started
         return path
 
+    def ram_digests(self, ram: np.ndarray) -> dict[int, str]:
+        """SHA-256 of every :data:`DIGEST_PIECE` of the guest RAM ranges ``ram``, by address, as
+        QEMU's own ``pmemsave`` writes them into a FIFO: no windump reader is involved."""
+        fifo = self.workdir / "pmemsave.fifo"
+        os.mkfifo(fifo)
+        digests: dict[int, str] = {}
+        try:
+            for start, end in ram.tolist():
+                digests.update(self._pmemsave_digests(fifo, start, end))
+        finally:
+            fifo.unlink()
+        return digests
+
+    def _pmemsave_digests(self, fifo: Path, start: int, end: int) -> dict[int, str]:
+        """Have QEMU pmemsave [start, end) into ``fifo`` while a thread hashes what comes out."""
+        digests: dict[int, str] = {}
+        received = [0]
+
+        def hash_stream() -> None:
+            with open(fifo, "rb", buffering=0) as stream:
+                with contextlib.suppress(OSError):  # a larger pipe only saves context switches
+                    fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, DIGEST_PIECE)
+                view = memoryview(bytearray(DIGEST_PIECE))
+                while True:
+                    filled = 0
+                    while filled < len(view) and (count := stream.readinto(view[filled:])):
+                        filled += count
+                    if not filled:
+                        return
+                    digests[start + received[0]] = hashlib.sha256(view[:filled]).hexdigest()
+                    received[0] += filled
+
+        hasher = threading.Thread(target=hash_stream, daemon=True)
+        hasher.start()
+        try:
+            self.execute("pmemsave", val=start, size=end - start, filename=str(fifo))
+        except BaseException:
+            while hasher.is_alive():  # QEMU may never have opened the FIFO: open and close it for EOF
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                hasher.join(0.1)
+            raise
+        hasher.join()
+        if received[0] != end - start:
+            raise self.failure(f"pmemsave of {start:#x}-{end:#x} gave {received[0]:#x} bytes")
+        return digests
+
     def kill(self) -> None:
-        """End QEMU by its PID (SIGKILL: a wedged QEMU ignores QMP ``quit``)."""
+        """End QEMU by its PID (SIGKILL: a wedged QEMU ignores QMP ``quit``); its RAM file goes too."""
         if self.qmp is not None:
             try:
                 self.qmp.close()
@@ -253,6 +327,8 @@ class QemuGuest:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        if self.mem_path is not None:
+            self.mem_path.unlink(missing_ok=True)
 
 
 _SEGMENT = re.compile(r"^(ES|CS|SS|DS|FS|GS) =([0-9a-f]{4}) ([0-9a-f]{16})", re.M)

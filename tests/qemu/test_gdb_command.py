@@ -1,6 +1,6 @@
-"""``windump-save`` inside a real gdb attached to the QEMU test bed, ``windump save gdb://`` beside
-it, the installed copy of the gdb script, and the faults that must end in one line with PhyMemMode
-restored and no dump written."""
+"""``windump-save`` inside a real gdb attached to the QEMU test bed: the selected thread, the
+installed copy of the gdb script, and the faults that must end in one line with PhyMemMode restored
+and no dump written (test_live_paths compares its dumps, and ``windump save gdb://``'s, with QEMU's)."""
 
 from __future__ import annotations
 
@@ -15,26 +15,19 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from gate import require
 from qemu_guest import REPO, VARIANTS, free_port
-from readers import PAGE_SIZE, kdmp_read, volatility_read
+from readers import kdmp_read
 from test_gdbstub_source import Qemu, note, seed
 
-from windump_plugins.guest.model import IMAGE_BASE
 from windump_plugins.headers.published import NO_NOTE_MESSAGE
 
-pytestmark = pytest.mark.qemu
+pytestmark = [pytest.mark.qemu, pytest.mark.gdb]
 
 VARIANT = {variant.name: variant for variant in VARIANTS}
 HALTED = VARIANT["pc-256M-1cpu"]
 FOUR_CPUS = VARIANT["q35-256M-4cpu"]
 SCRIPT = REPO / "gdb" / "windump.py"
 GDB = shutil.which("gdb")
-
-
-@pytest.fixture(autouse=True)
-def _require_gdb():
-    require("gdb")
 
 
 def gdb(port: int | None, *commands: str, script: Path = SCRIPT, env: dict[str, str] | None = None,
@@ -68,55 +61,12 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line and not any(part in line for part in noise)]
 
 
-def check_readers(dump: Path, model) -> None:
-    """kdmp-parser and volatility3 parse the dump and see the model's bytes at a few pages."""
-    pages = [IMAGE_BASE, IMAGE_BASE + PAGE_SIZE]
-    for result in (kdmp_read(dump, pages), volatility_read(dump, pages)):
-        assert result.parsed, f"{result.reader}: {result.reason}"
-        for page in pages:
-            assert result.physical[page] == model.read(page, PAGE_SIZE), f"{result.reader}: page {page:#x}"
-
-
 @pytest.fixture
 def halted(booted_once):
     """The halted 1-vCPU guest, stopped again after the test (gdb -batch detaches at exit, resuming it)."""
     guest = booted_once(HALTED)
     yield guest
     guest.qemu.execute("stop")
-
-
-@pytest.fixture
-def qemu_win_dmp(halted, tmp_path_factory):
-    if halted.win_dmp is None:
-        halted.qemu.execute("stop")
-        halted.win_dmp = halted.qemu.dump(tmp_path_factory.mktemp("win-dmp") / "qemu.dmp"), halted.qemu.registers()
-    return halted.win_dmp[0]
-
-
-@pytest.mark.parametrize("options, path", [("", "procmem"), ("--packets", "packets")])
-def test_windump_save_equals_win_dmp(halted, qemu_win_dmp, tmp_path, options, path):
-    """Through QEMU's process memory and through packets on gdb's own socket, windump-save writes
-    QEMU's win-dmp outside the difference table; the readers agree; gdb's connection is left usable."""
-    from difftable import assert_same_outside_differences
-
-    ours = tmp_path / "gdb.dmp"
-    result = gdb(halted.qemu.gdb_port, f"windump-save {options} {ours}", *AFTERWARDS)
-    assert result.returncode == 0 and ours.exists(), result.stdout + result.stderr
-    assert f"from {path}" in result.stdout and "header context: vCPU 0" in result.stdout
-    check_left_clean(result)
-    assert_same_outside_differences(ours, qemu_win_dmp)
-    check_readers(ours, halted.model)
-
-
-def test_standalone_gdb_url_equals_win_dmp(halted, qemu_win_dmp, run_windump, tmp_path):
-    """``windump save gdb://`` gives the same dump, and leaves the VM it found paused, paused."""
-    from difftable import assert_same_outside_differences
-
-    ours = tmp_path / "url.dmp"
-    result = run_windump("save", "-q", f"gdb://127.0.0.1:{halted.qemu.gdb_port}", str(ours))
-    assert result.returncode == 0, result.stderr
-    assert_same_outside_differences(ours, qemu_win_dmp)
-    assert halted.qemu.execute("query-status")["status"] == "paused"
 
 
 def test_selected_thread_gives_the_header_context(booted_once, tmp_path):
@@ -138,7 +88,7 @@ def test_selected_thread_gives_the_header_context(booted_once, tmp_path):
 
 def test_ctrl_c_leaves_no_file_and_restores_phymemmode(halted, tmp_path):
     """SIGINT in the middle of the pipelined reads: one line, no file, PhyMemMode 0, gdb in step."""
-    interrupt = ("python import os, signal; from windump_plugins.frontends import gdb as g; r = g.GdbConnection.readinto; "
+    interrupt = ("python import os, signal; from windump_plugins.live import gdbconnection as g; r = g.GdbConnection.readinto; "
                  "n = [0]\n"
                  "def readinto(self, *a):\n"
                  "    n[0] += 1\n"
@@ -169,7 +119,7 @@ def test_connection_dropped_mid_dump(tmp_path):
     qemu = Qemu(tmp_path / "dropped")
     seed(qemu.location, 0x3F00000, note())  # near the top: the scan reads most of RAM first
     hook = tmp_path / "drop.py"
-    hook.write_text("import os, signal\nfrom windump_plugins.frontends import gdb as g\nr = g.GdbConnection.readinto\n"
+    hook.write_text("import os, signal\nfrom windump_plugins.live import gdbconnection as g\nr = g.GdbConnection.readinto\n"
                     "n = [0]\n"
                     "def readinto(self, *a):\n"
                     "    n[0] += 1\n"

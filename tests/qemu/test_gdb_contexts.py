@@ -1,25 +1,23 @@
 """Complete dumps of the live QEMU test bed through its gdbstub: ``windump save gdb://`` puts in every
 processor's CONTEXT exactly the registers of the vCPU that runs it, debug registers (from HMP)
 included, as the model loaded them and as QEMU's ``info registers`` shows them, however
-KiProcessorBlock orders the processors; and guest RAM is the same after the dump as before it."""
+KiProcessorBlock orders the processors; and guest RAM, as QEMU's own ``pmemsave`` writes it, is
+the same after the dump as before it."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gate import require
 from readers import KDMP_CONTEXT_FIELDS, kdmp_read
 from test_contexts import GPRS, processor_contexts
 from test_gdb_command import gdb
 from test_testbed_contexts import CONTEXT_VARIANTS, SELECTORS
 
-from windump_plugins.formats.context import CONTEXT_ALL_AMD64
 from windump_plugins.dumpfile import DumpFile
-from windump_plugins.sources.gdbstub import GdbStubSource
+from windump_plugins.formats.context import CONTEXT_ALL_AMD64
 
 pytestmark = pytest.mark.qemu
 
@@ -28,9 +26,6 @@ XMMS = tuple(f"xmm{i}" for i in range(16))
 LOADED = (*GPRS, "rflags", *SELECTORS, "dr0", "dr1", "dr2", "dr3", "dr7", "mxcsr", *XMMS)
 #: What ``info registers`` shows besides: RIP, and DR6 as the CPU keeps it.
 SHOWN = (*LOADED, "rip", "dr6")
-
-#: RAM hashed per piece, so a difference names where it is.
-HASH_PIECE = 1 << 20
 
 
 @dataclass
@@ -42,21 +37,6 @@ class LiveDump:
     dump: Path
     ram_before: dict[int, str]
     ram_after: dict[int, str]
-
-
-def ram_digests(port: int) -> dict[int, str]:
-    """SHA-256 of every :data:`HASH_PIECE` of guest RAM, by address, read through the gdbstub from
-    QEMU's process memory."""
-    digests = {}
-    buffer = np.empty(HASH_PIECE, dtype=np.uint8)
-    with GdbStubSource("127.0.0.1", port, keep_stopped=True) as source:
-        assert source.path == "procmem", source.fast_path_problem
-        for start, end in source.ram.tolist():
-            for address in range(start, end, HASH_PIECE):
-                piece = buffer[: min(HASH_PIECE, end - address)]
-                source.readinto(address, memoryview(piece))
-                digests[address] = hashlib.sha256(piece).hexdigest()
-    return digests
 
 
 def as_registers(context: np.void) -> dict[str, int]:
@@ -103,12 +83,12 @@ def live(request, booted_once, live_dumps, run_windump, tmp_path_factory) -> Liv
         booted = booted_once(variant)
         port = booted.qemu.gdb_port
         shown = booted.qemu.registers()
-        before = ram_digests(port)
+        before = booted.qemu.ram_digests(booted.model.ram)
         dump = tmp_path_factory.mktemp("live") / "live.dmp"
         result = run_windump("save", "--quiet", f"gdb://127.0.0.1:{port}?keep-stopped", str(dump), timeout=300)
         assert result.returncode == 0 and dump.exists(), result.stderr
         assert "warning" not in result.stderr, result.stderr
-        live_dumps[variant.name] = LiveDump(booted, shown, dump, before, ram_digests(port))
+        live_dumps[variant.name] = LiveDump(booted, shown, dump, before, booted.qemu.ram_digests(booted.model.ram))
     return live_dumps[variant.name]
 
 
@@ -135,10 +115,10 @@ def test_guest_ram_is_unchanged_by_the_dump(live):
     assert live.booted.qemu.execute("query-status")["status"] == "paused"
 
 
+@pytest.mark.gdb
 def test_windump_save_in_gdb_writes_debug_registers(booted_once, tmp_path):
     """Inside gdb, the registers come from gdb's frames and the debug registers from gdb's
     ``monitor``: they still land in each processor's CONTEXT."""
-    require("gdb")
     guest = booted_once(CONTEXT_VARIANTS[-1])  # four vCPUs, KiProcessorBlock reordered
     shown = guest.qemu.registers()
     dump = tmp_path / "gdb.dmp"

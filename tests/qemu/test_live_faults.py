@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from corpus import BUILT_IN_PLUGINS
 from qemu_guest import VARIANTS
 
-from corpus import BUILT_IN_PLUGINS
 from windump_plugins.live.rsp import RemoteStub
 
 pytestmark = pytest.mark.qemu

@@ -1,6 +1,6 @@
-"""The ``qmp:`` source against the QEMU test bed: each memory path gives QEMU's win-dmp outside the
-difference table, a running guest is paused only while its RAM is read, and faults end in one line
-with the VM as it was."""
+"""The ``qmp:`` source against the QEMU test bed: a TCP monitor on this host reaches every memory path,
+a running guest is paused only while its RAM is read, and faults end in one line with the VM as it
+was (test_live_paths compares each memory path's dump with QEMU's win-dmp)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,18 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_guest import QEMU, VARIANTS, Machine, QemuGuest, Variant, free_port, machine_args
+from qemu_guest import (
+    QEMU,
+    VARIANTS,
+    Machine,
+    QemuGuest,
+    Variant,
+    machine_args,
+)
 from readers import PAGE_SIZE, kdmp_read, volatility_read
 
 from windump_plugins.errors import SourceError, WindumpError
-from windump_plugins.guest.model import IMAGE_BASE, CrashedGuest
+from windump_plugins.guest.model import IMAGE_BASE
 from windump_plugins.save import save
 from windump_plugins.sources.qmp import QmpSource
 
@@ -26,7 +33,6 @@ pytestmark = pytest.mark.qemu
 VARIANT = {variant.name: variant for variant in VARIANTS}
 HALTED = VARIANT["pc-256M-1cpu"]
 RUNNING = VARIANT["pc-256M-2cpu-keep-running"]
-SHM_VARIANT = Variant("pc-256M-2cpu-shm", Machine("pc", "256M", 2))
 
 
 @contextlib.contextmanager
@@ -40,33 +46,6 @@ def qmp_released(qemu: QemuGuest):
         assert qemu._connect_qmp(), "QMP did not accept the test harness again"
 
 
-@pytest.fixture(scope="module")
-def shm_guest(guest_kernel, machine_ram, tmp_path_factory):
-    """The test guest booted with its RAM in a shared memory-backend-file under /dev/shm, and a
-    second QMP monitor on TCP (``qemu.tcp_port``)."""
-    machine = SHM_VARIANT.machine
-    model = CrashedGuest(ram=machine_ram(machine), cpus=machine.cpus)
-    qemu = QemuGuest(machine, tmp_path_factory.mktemp(SHM_VARIANT.name), guest_kernel, model.image)
-    mem_path = f"/dev/shm/windump-test-{os.getpid()}"
-    qemu.tcp_port = free_port()
-    qemu.command += ["-object", f"memory-backend-file,id=ram,size={machine.memory},mem-path={mem_path},share=on",
-                     "-machine", "memory-backend=ram", "-qmp", f"tcp:127.0.0.1:{qemu.tcp_port},server=on,wait=off"]
-    try:
-        qemu.boot()
-        qemu.wait_halted()
-        qemu.execute("stop")
-        yield qemu, model
-    finally:
-        qemu.kill()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(mem_path)
-
-
-def win_dmp(qemu: QemuGuest, path: Path) -> Path:
-    qemu.execute("stop")
-    return qemu.dump(path)
-
-
 def check_readers(dump: Path, model) -> None:
     """kdmp-parser and volatility3 parse the dump and see the model's bytes at a few pages."""
     pages = [IMAGE_BASE, IMAGE_BASE + PAGE_SIZE, int(model.ram[-1][1]) - PAGE_SIZE]
@@ -76,56 +55,15 @@ def check_readers(dump: Path, model) -> None:
             assert result.physical[page] == model.read(page, PAGE_SIZE), f"{result.reader}: page {page:#x}"
 
 
-def save_through_qmp(qemu: QemuGuest, output: Path, memory: str, **options) -> QmpSource:
-    with qmp_released(qemu) as socket_path:
-        with QmpSource(socket_path, memory=memory, **options) as source:
-            save(source, output)
-    return source
-
-
-@pytest.mark.parametrize("memory", ["procmem", "stream"])
-@pytest.mark.parametrize("booted", [HALTED], indirect=True, ids=lambda v: v.name)
-def test_qmp_dump_equals_win_dmp(booted, memory, tmp_path):
-    """Through /proc/PID/mem and through QEMU's streamed ELF, the dump of the halted guest equals
-    QEMU's win-dmp outside the difference table, the readers agree, and the guest stays paused."""
-    from difftable import assert_same_outside_differences
-
-    qemu_dmp = win_dmp(booted.qemu, tmp_path / "qemu.dmp")
-    ours = tmp_path / f"{memory}.dmp"
-    source = save_through_qmp(booted.qemu, ours, memory)
-    assert source.memory_path == memory
-    assert source.qemu_pid == booted.qemu.process.pid  # SO_PEERCRED
-    assert not source.was_running and source.paused_seconds == 0.0
-    assert_same_outside_differences(ours, qemu_dmp)
-    check_readers(ours, booted.model)
-    assert booted.qemu.execute("query-status")["running"] is False
-    if memory == "stream":
-        assert source.qemu_progress is None or source.qemu_progress[1] > booted.variant.machine.size
-        assert booted.qemu.execute("query-dump")["status"] == "completed"
-
-
-def test_shared_memory_dump_equals_win_dmp(shm_guest, tmp_path):
-    """With RAM in a shared memory-backend-file, the source maps it (auto picks shm) and the dump
-    equals QEMU's win-dmp outside the difference table."""
-    from difftable import assert_same_outside_differences
-
-    qemu, model = shm_guest
-    qemu_dmp = win_dmp(qemu, tmp_path / "qemu.dmp")
-    ours = tmp_path / "shm.dmp"
-    source = save_through_qmp(qemu, ours, None)
-    assert source.memory_path == "shm", source.path_problems
-    assert_same_outside_differences(ours, qemu_dmp)
-    check_readers(ours, model)
-
-
 @pytest.mark.parametrize("memory", ["shm", "procmem", "stream"])
-def test_tcp_monitor_on_this_host(shm_guest, memory, tmp_path):
+@pytest.mark.parametrize("booted", [HALTED], indirect=True, ids=lambda v: v.name)
+def test_tcp_monitor_on_this_host(booted, memory, tmp_path):
     """qmp://127.0.0.1:PORT finds the local QEMU's PID and, with no fd passing over TCP, has QEMU
-    write its ELFs into a FIFO; every memory path gives the same dump as the unix socket."""
+    write its ELFs into a FIFO; every memory path gives QEMU's win-dmp outside the difference table."""
     from difftable import assert_same_outside_differences
 
-    qemu, model = shm_guest
-    qemu_dmp = win_dmp(qemu, tmp_path / "qemu.dmp")
+    qemu, model = booted.qemu, booted.model
+    qemu_dmp, _ = booted.win_dmp()
     ours = tmp_path / "tcp.dmp"
     with QmpSource(("127.0.0.1", qemu.tcp_port), memory=memory) as source:
         save(source, ours)
@@ -147,7 +85,7 @@ def test_running_guest_paused_only_while_read(booted, memory, tmp_path):
             save(source, ours, progress=lambda done, total: seen_running.append(source.execute("query-status")["running"]))
             assert source.execute("query-status")["running"] is True  # resumed by reading_done, before close
     assert seen_running and not any(seen_running)
-    assert source.was_running and 0 < source.paused_seconds < 60
+    assert source.qmp.was_running and 0 < source.access().paused_seconds < 60
     assert qemu.execute("query-status")["running"] is True
     qemu.execute("stop")
     check_readers(ours, booted.model)

@@ -10,6 +10,7 @@ from qemu_guest import VARIANTS, Machine, Variant
 from readers import PAGE_MASK, kdmp_read, volatility_read
 from test_contexts import GPRS, processor_contexts
 
+from windump_plugins.dumpfile import DumpFile
 from windump_plugins.formats.context import (
     CONTEXT,
     CONTEXT_AMD64,
@@ -17,7 +18,6 @@ from windump_plugins.formats.context import (
     CONTEXT_INTEGER,
     CONTEXT_SEGMENTS,
 )
-from windump_plugins.dumpfile import DumpFile
 from windump_plugins.fresh import STATUS_BREAKPOINT
 from windump_plugins.guest.model import SYSTEM_TIME
 

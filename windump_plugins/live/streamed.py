@@ -68,7 +68,7 @@ class StreamedRam(RamReader):
 
     QEMU writes one dump at a time, so no small ELF can be had once the stream has started; the
     stream passes guest memory once, in physical order, as the dump's runs are read. ``progress``
-    gets QEMU's ``(completed, total)`` every :data:`PROGRESS_INTERVAL` of stream.
+    gets QEMU's ``(completed, total)`` every :data:`PROGRESS_INTERVAL` of stream and once at its end.
     """
 
     name = "stream"
@@ -81,8 +81,6 @@ class StreamedRam(RamReader):
         self._progress = progress
         self._stream: ElfStream | None = None
         self._next_poll = PROGRESS_INTERVAL
-        #: The last ``query-dump`` ``(completed, total)`` of the stream, None before the first poll.
-        self.qemu_progress: tuple[int, int] | None = None
 
     def readinto(self, address: int, view: memoryview) -> None:
         if (self._stream is None and len(view) <= SMALL_READ) or self._pages.holds(address, len(view)):
@@ -95,9 +93,12 @@ class StreamedRam(RamReader):
         self._stream.readinto(address, view)
         if self._stream.position >= self._next_poll:
             self._next_poll = self._stream.position + PROGRESS_INTERVAL
-            self.qemu_progress = self._dumps.progress()
-            if self._progress is not None:
-                self._progress(*self.qemu_progress)
+            self._poll()
+
+    def _poll(self) -> None:
+        completed, total = self._dumps.progress()
+        if self._progress is not None:
+            self._progress(completed, total)
 
     def reading_done(self) -> None:
         """Read the rest of the stream, so QEMU ends its dump normally, and wait for that end."""
@@ -110,6 +111,8 @@ class StreamedRam(RamReader):
             stream.close()
             if not self._dumps.qmp.lost:
                 self._dumps.wait_end()
+        if not self._dumps.qmp.lost:
+            self._poll()  # the end as QEMU reports it: a guest smaller than one interval gets a report too
 
     close = reading_done
 

@@ -231,16 +231,6 @@ class GdbStubSource(MemorySource):
         return Access(self._reader.name, dict(self._passed_over), paused)
 
     @property
-    def path(self) -> str:
-        """The RAM path's name (see :meth:`access`)."""
-        return self._reader.name
-
-    @property
-    def fast_path_problem(self) -> str | None:
-        """Why the same-host path was passed over, or None when it serves."""
-        return self._passed_over.get("procmem")
-
-    @property
     def ram(self) -> np.ndarray:
         return self._reader.ram
 

@@ -198,29 +198,8 @@ class QmpSource(MemorySource):
         return self.qmp.execute(command, **arguments)
 
     @property
-    def memory_path(self) -> str:
-        return self._reader.name
-
-    @property
-    def path_problems(self) -> dict[str, str]:
-        return dict(self._passed_over)
-
-    @property
     def qemu_pid(self) -> int:
         return self.qmp.pid
-
-    @property
-    def was_running(self) -> bool:
-        return self.qmp.was_running
-
-    @property
-    def paused_seconds(self) -> float:
-        return self.qmp.paused_seconds
-
-    @property
-    def qemu_progress(self) -> tuple[int, int] | None:
-        """The last ``query-dump`` ``(completed, total)`` of a streamed dump."""
-        return getattr(self._reader, "qemu_progress", None)
 
 
 @hookimpl
