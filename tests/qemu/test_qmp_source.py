@@ -147,8 +147,13 @@ def test_no_vmcoreinfo_device(tmp_path):
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while not socket_path.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while time.monotonic() < deadline:  # the socket file appears at bind(), before QEMU listens
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(socket_path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    time.sleep(0.01)
         with pytest.raises(SourceError, match="no vmcoreinfo device.*-device vmcoreinfo"):
             QmpSource(str(socket_path))
     finally:
