@@ -6,18 +6,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_gdb_command import AFTERWARDS, HALTED, check_left_clean, error_lines, gdb
+from test_gdb_command import AFTERWARDS, check_left_clean, error_lines, gdb, halted  # noqa: F401 (a fixture)
 
 from windump_plugins.frontends.gdb import save_help
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def halted(booted_once):
-    guest = booted_once(HALTED)
-    yield guest
-    guest.qemu.execute("stop")
 
 
 def test_settings_stand_in_for_the_flags_and_verbose_logs(halted, tmp_path):
