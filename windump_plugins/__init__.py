@@ -1,16 +1,19 @@
 """windump: crash dumps that WinDbg opens, from the memory of QEMU/KVM Windows guests."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("windump")
-except PackageNotFoundError:  # running from a checkout that was never installed
-    __version__ = "0+unknown"
-
 
 def __getattr__(name: str):
-    """``windump_plugins.hookimpl`` for plugins, imported on first use so that starting the
-    command line imports no numpy before its Ctrl-C handling is in place."""
+    """``__version__`` and ``windump_plugins.hookimpl`` (for plugins), imported on first use: the
+    command line installs its signal handlers after this module runs and before anything slow
+    (importlib.metadata, numpy) imports, so that Ctrl-C then gives one line, not a traceback."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("windump")
+        except PackageNotFoundError:  # running from a checkout that was never installed
+            found = "0+unknown"
+        globals()["__version__"] = found
+        return found
     if name == "hookimpl":
         from .hookspecs import hookimpl
 
