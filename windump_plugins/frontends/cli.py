@@ -129,9 +129,9 @@ def _retire(stream) -> None:
     json_schema=reports.SAVE_SCHEMA,
 )
 def _save(args: argparse.Namespace, plugins: Plugins) -> int:
+    from ..save import save
     from .logs import SaveTimer
     from .progress import progress_bar
-    from ..save import save
 
     started = time.perf_counter()
     source = plugins.open_source(args.source)
@@ -225,7 +225,8 @@ def _plugins(args: argparse.Namespace, plugins: Plugins) -> int:
     "print the path of the gdb script that adds windump-save",
     "Print the path of windump.py for gdb's source command: inside a gdb attached to QEMU's gdbstub "
     "it adds the windump-save command. gdb's Python must import windump (see the gdb page of the docs).",
-    examples=("gdb -ex 'target remote 127.0.0.1:1234' -ex \"source $(windump gdb-script)\" -ex 'windump-save guest.dmp'",),
+    examples=("gdb -ex 'target remote 127.0.0.1:1234' -ex \"source $(windump gdb-script)\" "
+              "-ex 'windump-save guest.dmp'",),
 )
 def _gdb_script(args: argparse.Namespace, plugins: Plugins) -> int:
     from .gdb import print_script_path
