@@ -8,8 +8,10 @@ a guessed sleep."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,45 @@ def test_an_ignored_signal_stays_ignored(site, out):
     status, stdout, stderr = save.finish()
     assert (status, stdout, stderr) == (143, "", "windump: interrupted by SIGTERM\n")
     assert os.listdir(out) == []
+
+
+#: Run in gdb's Python: gdb's C handlers (as ``sigaction`` holds them) before, inside and after
+#: :class:`interrupting`, which a SIGHUP sent inside must interrupt; printed as one JSON line.
+IN_GDB = r'''
+import ctypes, json, os, signal, struct, sys
+sys.path.insert(0, {root!r})
+from windump_plugins.frontends.signals import Interrupted, interrupting
+
+libc = ctypes.CDLL(None)
+def action(signum):  # sa_handler, the first word of sa_mask, sa_flags: what a handler is
+    buffer = ctypes.create_string_buffer(512)
+    libc.sigaction(signum, None, buffer)
+    return [struct.unpack_from("<Q", buffer, 0)[0], struct.unpack_from("<Q", buffer, 8)[0],
+            struct.unpack_from("<i", buffer, 136)[0]]
+taken = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+before = {{s: action(s) for s in taken}}
+seen = []
+for attempt in range(2):  # a second windump-save in the same gdb takes them again
+    try:
+        with interrupting(*taken) as block:
+            inside = {{s: action(s) for s in taken}}
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(1000):
+                pass
+        seen.append("not interrupted")
+    except Interrupted as interrupt:
+        seen.append(interrupt.signum)
+    seen.append(all(inside[s] != before[s] for s in taken) and {{s: action(s)[:2] for s in taken}} == {{s: before[s][:2] for s in taken}})
+print(json.dumps(seen))
+'''
+
+
+def test_windump_save_takes_gdbs_signals_only_while_it_runs(tmp_path, require):
+    """In a real gdb: inside the block SIGHUP interrupts; afterwards gdb's own C handlers are back."""
+    require("gdb")
+    script = tmp_path / "in_gdb.py"
+    script.write_text(IN_GDB.format(root=str(Path(__file__).resolve().parent.parent)))
+    result = subprocess.run(["gdb", "-nx", "-batch", "-x", str(script)], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [signal.SIGHUP, True, signal.SIGHUP, True], result.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 from types import FrameType, TracebackType
+from typing import Any
 
 #: The signals that end the command line cleanly: a closed terminal, Ctrl-C, Ctrl-\\, ``kill``.
 HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
@@ -100,3 +101,70 @@ def interrupted_line(prog: str, interrupt: KeyboardInterrupt) -> str:
     """``windump: interrupted`` after Ctrl-C, ``windump: interrupted by SIGTERM`` after another signal."""
     signum = getattr(interrupt, "signum", signal.SIGINT)
     return f"{prog}: interrupted" + ("" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}")
+
+
+#: Bytes that hold a C ``struct sigaction`` on every Linux ABI (152 on x86-64 and arm64).
+_SIGACTION_BYTES = 512
+
+
+class interrupting:
+    """For a command inside a host program (gdb's ``windump-save``): while the block runs, the
+    signals ``signums`` raise :class:`Interrupted`, the first one only, as in the command line;
+    afterwards the host's own handlers are back exactly, C handlers included, and the signal that
+    arrived is sent again so that the host answers it as it would have (gdb ends on a hangup or
+    SIGTERM). A signal the host ignores is left alone.
+
+    Python's ``signal.signal`` cannot put back a handler that was not installed from Python (gdb's
+    are C functions), so the C ``sigaction`` is saved and restored through ctypes.
+    """
+
+    def __init__(self, *signums: int) -> None:
+        self.signums = signums
+        #: The first of ``signums`` that arrived, None before any.
+        self.received: int | None = None
+        self._final = False
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> interrupting:
+        import ctypes
+
+        self._sigaction = ctypes.CDLL(None, use_errno=True).sigaction
+        self._sigaction.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        for signum in self.signums:
+            action = ctypes.create_string_buffer(_SIGACTION_BYTES)
+            if self._sigaction(signum, None, action) != 0:
+                continue
+            if ctypes.c_void_p.from_buffer(action).value == signal.SIG_IGN:  # sa_handler comes first
+                continue
+            signal.signal(signum, self._handle)
+            self._saved[signum] = action
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+            if not self._final:
+                self._final = True
+                raise Interrupted(signum)
+
+    def hold(self) -> None:
+        """From now on a signal is noted, not raised: the rest of the command finishes first."""
+        self._final = True
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if not self._saved:
+            return
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self._saved)  # none lost while swapping
+        for signum, action in self._saved.items():
+            signal.signal(signum, signal.SIG_DFL)  # what Python's table says; the C handler is the host's:
+            self._sigaction(signum, action, None)
+        if self.received is not None:  # to this thread, which blocks it: the host's handler runs on unblocking
+            import threading
+
+            signal.pthread_kill(threading.get_ident(), self.received)
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_BLOCK, ())  # a call, where Python raises what gdb asked:
+        except KeyboardInterrupt:  # gdb answers SIGTERM with a quit, which its Python raises here
+            pass
