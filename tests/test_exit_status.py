@@ -59,6 +59,18 @@ def test_output_name_that_is_not_text(tmp_path, encoding):
     assert os.listdir(os.fsencode(tmp_path)) == [b"guest-\xff.dmp"]
 
 
+@pytest.mark.parametrize("closed", [1, 2, (1, 2)], ids=["stdout", "stderr", "both"])
+def test_started_with_stdout_or_stderr_closed(tmp_path, closed):
+    """``windump save ... >&-``: Python then has no sys.stdout (or sys.stderr); the dump is still
+    written and the status is 0, and nothing is written to a descriptor the dump may have taken."""
+    closing = closed if isinstance(closed, tuple) else (closed,)
+    result = save("sample:", "guest.dmp", cwd=tmp_path, preexec_fn=lambda: [os.close(fd) for fd in closing])
+    assert result.returncode == 0
+    assert result.stderr == (b"" if 2 in closing else summary_warning("guest.dmp", "stdout is closed"))
+    assert result.stdout.startswith(b"" if 1 in closing else b"wrote guest.dmp: ")
+    assert verify_dump(tmp_path / "guest.dmp") == []
+
+
 def _controlling_terminal(slave: str):
     def become() -> None:  # in the child, after setsid: opening the terminal makes it ours
         os.close(os.open(slave, os.O_RDWR))

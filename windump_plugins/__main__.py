@@ -23,7 +23,8 @@ def run() -> int:
         if "signals" in locals():
             status, line = signals.exit_status(interrupt), signals.interrupted_line("windump", interrupt)
         try:
-            print(line, file=sys.stderr)
+            if sys.stderr is not None:  # None: started with stderr closed
+                print(line, file=sys.stderr)
         except OSError:  # stderr gone with the terminal
             pass
         return status

@@ -76,6 +76,9 @@ def _print_saved(text: str, output: str) -> None:
     """Print a finished save's summary, flushed now. The dump is in place whatever stdout does: a
     full device, a closed pipe or a hung-up terminal is a warning (on stderr, while it works), not a
     failure; a file name that stdout's encoding cannot show is printed as the bytes it is on disk."""
+    if sys.stdout is None:  # started with stdout closed
+        _write_stderr(f"{PROG}: warning: {output} is written, but its summary could not be printed: stdout is closed\n")
+        return
     try:
         try:
             sys.stdout.write(text + "\n")
@@ -137,7 +140,7 @@ def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     source = plugins.open_source(args.source)
     log.info("%s: opened in %.2f s", source.description or args.source, time.perf_counter() - started)
     try:
-        with progress_bar(os.path.basename(args.output), enabled=not args.quiet) as progress:
+        with progress_bar(os.path.basename(args.output), enabled=not args.quiet and sys.stderr is not None) as progress:
             timer = SaveTimer(progress)
             report = save(source, args.output, force=args.force, progress=timer, context_cpu=args.context_cpu)
     except BaseException:
@@ -300,6 +303,8 @@ def _write_stderr(text: str) -> None:
     """A line on stderr, above the progress bar when one is drawn (only ``save`` loads the bar's
     module); nothing once stderr is gone (a hung-up terminal), which must not end the command."""
     progress = sys.modules.get(f"{__package__}.progress")
+    if sys.stderr is None:  # started with stderr closed
+        return
     try:
         if progress is None:
             sys.stderr.write(text)

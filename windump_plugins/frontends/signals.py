@@ -4,8 +4,8 @@ temporary dump removed) runs for them too, and the exit status names the signal 
 
 Only the first signal interrupts. From then on the program is cleaning up, and cleanup must not be
 cut short halfway (a guest left paused, a temporary file left behind): later signals are noted on
-stderr and otherwise ignored until the program exits. The same holds inside :func:`holding` blocks
-and after :func:`hold`, for steps that must finish once begun.
+stderr and otherwise ignored until the program exits. The same holds inside :class:`holding`
+blocks and after :func:`hold`, for steps that must finish once begun.
 
 This module imports nothing heavy: ``python -m windump_plugins`` installs it before anything else.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -39,7 +40,7 @@ class _State:
     prog = "windump"
     #: The first handled signal received, None before any.
     signum: int | None = None
-    #: Open :func:`holding` blocks.
+    #: Open :class:`holding` blocks.
     depth = 0
     #: Set once a signal has interrupted, or by :func:`hold`: no signal raises any more.
     final = False
@@ -60,16 +61,18 @@ def _handle(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
     if _State.signum is None:
         _State.signum = signum
-    try:  # not sys.stderr: the handler may run in the middle of a write to it
-        os.write(2, f"{_State.prog}: {signal.Signals(signum).name}: finishing the cleanup first\n".encode())
-    except OSError:  # stderr gone with the terminal
+    if sys.stderr is None:  # started with stderr closed: its descriptor may be the dump's by now
+        return
+    try:  # to the descriptor, not through sys.stderr: the handler may run in the middle of a write to it
+        line = f"{_State.prog}: {signal.Signals(signum).name}: finishing the cleanup first\n"
+        os.write(sys.stderr.fileno(), line.encode())
+    except (OSError, ValueError):  # stderr gone with the terminal, or not a file
         pass
 
 
 class holding:
-    """While the block runs, a handled signal is noted, not raised: for a step that must finish
-    once begun, such as putting the guest back. One noted there interrupts when the block ends,
-    unless the block ends with an exception (that came first, and goes on)."""
+    """While the block runs, a handled signal is noted, not raised: for the cleanup after an error
+    (putting the guest back), which must finish once begun; the error then goes on as the reason."""
 
     def __enter__(self) -> holding:
         _State.depth += 1
@@ -78,11 +81,6 @@ class holding:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         _State.depth -= 1
-        if _State.depth or _State.final or _State.signum is None:
-            return
-        _State.final = True
-        if kind is None:
-            raise Interrupted(_State.signum)
 
 
 def hold() -> None:
