@@ -19,9 +19,10 @@ def run() -> int:
 
         return main()
     except KeyboardInterrupt as interrupt:  # while importing, or in main outside its own handler
-        status, line = 128 + getattr(interrupt, "signum", 2), "windump: interrupted"
-        if "signals" in locals():
-            status, line = signals.exit_status(interrupt), signals.interrupted_line("windump", interrupt)
+        status, line = 130, "windump: interrupted"  # Python's own Ctrl-C, before the handlers
+        handlers = sys.modules.get(f"{__package__}.frontends.signals")
+        if handlers is not None:
+            status, line = handlers.exit_status(interrupt), handlers.interrupted_line("windump", interrupt)
         try:
             if sys.stderr is not None:  # None: started with stderr closed
                 print(line, file=sys.stderr)

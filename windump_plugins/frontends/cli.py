@@ -72,12 +72,16 @@ def _print_json(value: dict) -> None:
     print(json.dumps(value, indent=2))
 
 
+#: The warning when a save's summary cannot be printed (the dump is written all the same).
+UNPRINTED_SUMMARY = "{prog}: warning: {output} is written, but its summary could not be printed: {reason}\n"
+
+
 def _print_saved(text: str, output: str) -> None:
     """Print a finished save's summary, flushed now. The dump is in place whatever stdout does: a
     full device, a closed pipe or a hung-up terminal is a warning (on stderr, while it works), not a
     failure; a file name that stdout's encoding cannot show is printed as the bytes it is on disk."""
     if sys.stdout is None:  # started with stdout closed
-        _write_stderr(f"{PROG}: warning: {output} is written, but its summary could not be printed: stdout is closed\n")
+        _write_stderr(UNPRINTED_SUMMARY.format(prog=PROG, output=output, reason="stdout is closed"))
         return
     try:
         try:
@@ -89,7 +93,7 @@ def _print_saved(text: str, output: str) -> None:
     except (OSError, ValueError) as exc:  # UnicodeEncodeError is a ValueError; so is a closed stdout
         _retire(sys.stdout)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        _write_stderr(f"{PROG}: warning: {output} is written, but its summary could not be printed: {reason}\n")
+        _write_stderr(UNPRINTED_SUMMARY.format(prog=PROG, output=output, reason=reason))
 
 
 def _retire(stream) -> None:
