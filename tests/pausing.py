@@ -9,6 +9,8 @@ signal exactly there instead of after a guessed sleep.
 - ``body``: at its fourth read of a whole write buffer, once the temporary dump holds part of the body;
 - ``close``: in ``close()``, the step that resumes a live guest.
 
+``fail`` makes that fourth read fail with a SourceError instead (after ``body`` is reported).
+
 It reports ``open``, ``header``, ``body``, ``resumed`` (``reading_done``), ``closing`` and
 ``closed`` on the events pipe; a stop lasts until the test writes a byte to the go pipe or a signal
 interrupts it. The plugin is installed as a ``.dist-info`` on PYTHONPATH, as a third party's would be.
@@ -27,6 +29,7 @@ from corpus import BUILT_IN_PLUGINS
 PLUGIN = '''
 import os
 
+from windump_plugins.errors import SourceError
 from windump_plugins.hookspecs import SourceKind, hookimpl
 from windump_plugins.source import MemorySource
 from windump_plugins.sources.sample import open_sample
@@ -57,6 +60,8 @@ class PausingSource(MemorySource):
             report("header", "header" in self.phases)
         if self.buffers == 4 and len(buffer) >= 1 << 20:
             report("body", "body" in self.phases)
+            if "fail" in self.phases:
+                raise SourceError(f"{self.description}: the guest went away")
         self.sample.readinto(address, buffer)
 
     def vmcoreinfo(self):

@@ -75,6 +75,22 @@ def test_a_second_signal_does_not_cut_the_cleanup_short(site, out):
     assert os.listdir(out) == []
 
 
+def test_a_signal_while_cleaning_up_after_an_error_waits(site, out):
+    """The source fails mid-body; SIGTERM arrives while it is being closed: the close finishes and
+    the error, which came first, is what windump reports."""
+    save = Save(site, out, "pausing:fail+close", "guest.dmp")
+    save.wait_for("closing")
+    save.signal(signal.SIGTERM)
+    save.wait_for_stderr("windump: SIGTERM: finishing the cleanup first\n")
+    save.go()
+    status, stdout, stderr = save.finish()
+    assert (status, stdout) == (1, "")
+    assert stderr == ("windump: SIGTERM: finishing the cleanup first\n"
+                      "windump: error: pausing:fail+close: the guest went away\n")
+    assert save.seen[-2:] == ["closing", "closed"]
+    assert os.listdir(out) == []
+
+
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda signum: signum.name)
 def test_a_signal_once_the_dump_is_in_place_changes_nothing(site, out, signum):
     """Sent while the source closes after the dump was installed: the close finishes, the summary
