@@ -118,8 +118,11 @@ class WindumpSave(gdb.Command):
                                                terminal=os.isatty(1))
         except self._error_class as error:
             raise gdb.GdbError(f"windump-save: {error}") from None
-        except KeyboardInterrupt:
-            raise gdb.GdbError("windump-save: interrupted: no dump written, PhyMemMode restored") from None
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM, SIGHUP or SIGQUIT
+            from windump_plugins.frontends.signals import interrupted_line
+
+            line = interrupted_line("windump-save", interrupt)
+            raise gdb.GdbError(f"{line}: no dump written, PhyMemMode restored") from None
         if line:
             gdb.write(line + "\n")
 

@@ -1,20 +1,15 @@
 """windump: crash dumps that WinDbg opens, from the memory of QEMU/KVM Windows guests.
 
 The package's top is the public plugin API (``from windump_plugins import hookimpl, MemorySource``):
-each name is imported on first use, so ``import windump_plugins`` imports no numpy and starting the
-command line stays quick.
+each name is imported on first use, so ``import windump_plugins`` imports no numpy, and
+``__version__`` too (importlib.metadata is slow to import): the command line installs its signal
+handlers after this module runs and before anything slow imports, so Ctrl-C then gives one line.
 """
 
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
-
-try:
-    __version__ = version("windump")
-except PackageNotFoundError:  # running from a checkout that was never installed
-    __version__ = "0+unknown"
 
 #: Public name -> the module (under this package) that defines it.
 _API = {
@@ -45,6 +40,7 @@ _API = {
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
+    __version__: str
     from .errors import FormatError as FormatError
     from .errors import SourceError as SourceError
     from .errors import TranslationError as TranslationError
@@ -73,6 +69,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
 
 def __getattr__(name: str) -> Any:
     """Import a public name's module on first use, and keep the name here."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("windump")
+        except PackageNotFoundError:  # running from a checkout that was never installed
+            found = "0+unknown"
+        globals()["__version__"] = found
+        return found
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

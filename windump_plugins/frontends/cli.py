@@ -18,14 +18,11 @@ from .. import __version__
 from ..errors import WindumpError
 from ..hookspecs import SourceKind
 from ..plugins import Plugins, load_plugins
-from . import reports
+from . import reports, signals
 from .arguments import FORCE, QUIET, VERBOSE, Argument, arg
 from .logs import log, log_lines
 
 PROG = "windump"
-
-#: Exit status after Ctrl-C, as a shell reports a process killed by SIGINT.
-EXIT_INTERRUPTED = 130
 
 #: Columns the subcommands' descriptions are wrapped to (their epilogs keep their own lines).
 HELP_WIDTH = 79
@@ -75,6 +72,43 @@ def _print_json(value: dict) -> None:
     print(json.dumps(value, indent=2))
 
 
+#: The warning when a save's summary cannot be printed (the dump is written all the same).
+UNPRINTED_SUMMARY = "{prog}: warning: {output} is written, but its summary could not be printed: {reason}\n"
+
+
+def _print_saved(text: str, output: str) -> None:
+    """Print a finished save's summary, flushed now. The dump is in place whatever stdout does: a
+    full device, a closed pipe or a hung-up terminal is a warning (on stderr, while it works), not a
+    failure; a file name that stdout's encoding cannot show is printed as the bytes it is on disk."""
+    if sys.stdout is None:  # started with stdout closed
+        _write_stderr(UNPRINTED_SUMMARY.format(prog=PROG, output=output, reason="stdout is closed"))
+        return
+    try:
+        try:
+            sys.stdout.write(text + "\n")
+        except UnicodeEncodeError:  # surrogates standing for a name's undecodable bytes
+            sys.stdout.flush()
+            sys.stdout.buffer.write(os.fsencode(text + "\n"))
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:  # UnicodeEncodeError is a ValueError; so is a closed stdout
+        _retire(sys.stdout)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _write_stderr(UNPRINTED_SUMMARY.format(prog=PROG, output=output, reason=reason))
+
+
+def _retire(stream) -> None:
+    """Point a standard stream that failed at /dev/null, so that the interpreter's last flush of what
+    it still holds cannot fail too (Python would then exit with status 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's capture), or nothing to open
+        pass
+
+
 @command(
     "save",
     "write the crash dump of a guest",
@@ -102,25 +136,29 @@ def _print_json(value: dict) -> None:
     json_schema=reports.SAVE_SCHEMA,
 )
 def _save(args: argparse.Namespace, plugins: Plugins) -> int:
+    from ..save import save
     from .logs import SaveTimer
     from .progress import progress_bar
-    from ..save import save
 
     started = time.perf_counter()
     source = plugins.open_source(args.source)
     log.info("%s: opened in %.2f s", source.description or args.source, time.perf_counter() - started)
     try:
-        with progress_bar(os.path.basename(args.output), enabled=not args.quiet) as progress:
+        with progress_bar(os.path.basename(args.output), enabled=not args.quiet and sys.stderr is not None) as progress:
             timer = SaveTimer(progress)
             report = save(source, args.output, plugins=plugins, force=args.force, progress=timer,
                           context_cpu=args.context_cpu)
-    finally:
-        source.close()
+    except BaseException:
+        with signals.holding():  # a second signal must not cut short putting the guest back
+            source.close()
+        raise
+    signals.hold()  # the dump is in place: nothing is left that a signal should undo
+    source.close()
     timer.log(report)
     if args.json:
-        _print_json(reports.save_object(report))
+        _print_saved(json.dumps(reports.save_object(report), indent=2), report.output)
     elif not args.quiet:
-        print(reports.summary_line(report))
+        _print_saved(reports.summary_line(report), report.output)
     return 0
 
 
@@ -195,7 +233,8 @@ def _plugins(args: argparse.Namespace, plugins: Plugins) -> int:
     "print the path of the gdb script that adds windump-save",
     "Print the path of windump.py for gdb's source command: inside a gdb attached to QEMU's gdbstub "
     "it adds the windump-save command. gdb's Python must import windump (see the gdb page of the docs).",
-    examples=("gdb -ex 'target remote 127.0.0.1:1234' -ex \"source $(windump gdb-script)\" -ex 'windump-save guest.dmp'",),
+    examples=("gdb -ex 'target remote 127.0.0.1:1234' -ex \"source $(windump gdb-script)\" "
+              "-ex 'windump-save guest.dmp'",),
 )
 def _gdb_script(args: argparse.Namespace, plugins: Plugins) -> int:
     from .gdb import print_script_path
@@ -266,16 +305,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _write_stderr(text: str) -> None:
-    """A line on stderr, above the progress bar when one is drawn (only ``save`` loads the bar's module)."""
+    """A line on stderr, above the progress bar when one is drawn (only ``save`` loads the bar's
+    module); nothing once stderr is gone (a hung-up terminal), which must not end the command."""
     progress = sys.modules.get(f"{__package__}.progress")
-    if progress is None:
-        sys.stderr.write(text)
-    else:
-        progress.write_above(text)
+    if sys.stderr is None:  # started with stderr closed
+        return
+    try:
+        if progress is None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        else:
+            progress.write_above(text)
+    except (OSError, ValueError):
+        _retire(sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; the exit status is 0 on success, 1 on an error, 130 after Ctrl-C."""
+    """Run the command line; the exit status is 0 on success, 1 on an error, 128 + N after signal N
+    (130 after Ctrl-C; ``python -m windump_plugins`` makes SIGTERM, SIGHUP and SIGQUIT interrupt too)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None
     with warnings.catch_warnings():
@@ -285,13 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser(plugins).parse_args(argv)
             with log_lines(PROG, _write_stderr, args.verbose):
                 return args.command.run(args, plugins)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             if args.debug if args else "--debug" in argv:
                 traceback.print_exc()
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            _write_stderr(signals.interrupted_line(PROG, interrupt) + "\n")
+            return signals.exit_status(interrupt)
         except Exception as exc:  # the front end's one place to turn any failure into one line
             if args.debug if args else "--debug" in argv:
                 traceback.print_exc()
-            print(f"{PROG}: error: {_error_line(exc)}", file=sys.stderr)
+            _write_stderr(f"{PROG}: error: {_error_line(exc)}\n")
             return 1

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import signal
 import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 from ..errors import WindumpError
 from ..live.gdbconnection import GdbConnection
 from ..plugins import load_plugins
-from ..sources.gdbstub import OPTIONS as STUB_OPTIONS, GdbStubSource
+from ..sources.gdbstub import OPTIONS as STUB_OPTIONS
+from ..sources.gdbstub import GdbStubSource
 from ..writer import ProgressCallback
 from .arguments import FORCE, QUIET, VERBOSE, option_argument
 from .logs import SaveTimer, log, log_lines
 from .reports import summary_line
+from .signals import interrupting
 
 #: Seconds between two redraws of the progress line.
 PROGRESS_INTERVAL = 0.5
@@ -41,7 +44,7 @@ def script_path() -> Path:
     """Where ``windump.py`` for gdb's ``source`` is: the installed copy, else the checkout's ``gdb/``
     (an editable install maps only ``windump_plugins`` itself)."""
     spec = importlib.util.find_spec(SCRIPT_PACKAGE)  # a namespace package: gdb/ has no __init__.py
-    for directory in spec.submodule_search_locations if spec else ():
+    for directory in (spec.submodule_search_locations or ()) if spec else ():
         if (Path(directory) / SCRIPT_NAME).is_file():
             return Path(directory) / SCRIPT_NAME
     checkout = Path(__file__).resolve().parent.parent / "gdb" / SCRIPT_NAME
@@ -179,9 +182,17 @@ def progress_line(write: Callable[[str], None], *, interval: float = PROGRESS_IN
     return progress
 
 
+#: The signals windump-save takes from gdb while it runs, so that they interrupt it as Ctrl-C does
+#: (gdb's own handlers would let a hangup wait for the end of the dump, ignore SIGQUIT, and answer
+#: SIGTERM with a quit that can cut short the packet restoring PhyMemMode); gdb gets each back,
+#: and the one that arrived, afterwards. Ctrl-C stays gdb's: it is how gdb interrupts its own waits.
+TAKEN_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str], None], terminal: bool) -> str:
     """Run ``windump-save ARGV`` in gdb: write the dump of the guest gdb is attached to, and return
-    the summary line (empty with ``--quiet``). Expected failures raise WindumpError; the guest stays stopped."""
+    the summary line (empty with ``--quiet``). Expected failures raise WindumpError; Ctrl-C and
+    :data:`TAKEN_SIGNALS` a KeyboardInterrupt, after the cleanup. The guest stays stopped."""
     from ..save import save
 
     options = save_parser().parse_args(list(argv))
@@ -193,7 +204,8 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
     def write_line(text: str) -> None:  # above the progress line, which the next report redraws
         write("\r\x1b[K" + text if drawing else text)
 
-    with log_lines("windump-save", write_line, verbosity), warnings.catch_warnings(record=True) as caught:
+    with interrupting(*TAKEN_SIGNALS) as signals, log_lines("windump-save", write_line, verbosity), \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", ImportWarning)  # gdb's own import hooks, when plugins load
         started = time.perf_counter()
@@ -209,6 +221,7 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
             with contextlib.suppress(WindumpError):  # restoring over a dead connection: the first error tells why
                 source.close()
             raise
+        signals.hold()  # the dump is in place: a signal now waits for the rest, then goes to gdb
         source.close()
         timer.log(report)
     for warning in caught:
