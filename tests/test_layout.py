@@ -1,5 +1,6 @@
-"""The house rules of the package layout, read from the code's own imports: formats import nothing
-of windump but its errors, transports and formats import no source, and no source imports another."""
+"""The house rules of the package layout, read from the code itself: formats import nothing of
+windump but its errors, transports and formats import no source, no source imports another, and no
+class grows much over 300 lines."""
 
 from __future__ import annotations
 
@@ -76,6 +77,27 @@ def test_no_source_imports_another(module):
     others = {target for target in MODULES[module]
               if room(target) == "sources" and target not in (module, "windump_plugins.sources")}
     assert not others, f"{module} imports {sorted(others)}"
+
+
+#: Lines a class may have: "no class much over 300 lines" (a class holding a protocol, a cache and
+#: three strategies is three classes).
+MAX_CLASS_LINES = 320
+
+
+def class_sizes(source: str) -> dict[str, int]:
+    """Each class in ``source`` and its length in lines, decorators and docstring included."""
+    return {node.name: node.end_lineno - min([node.lineno, *(d.lineno for d in node.decorator_list)]) + 1
+            for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ClassDef) and node.end_lineno}
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda path: module_name(path))
+def test_no_class_is_much_over_300_lines(path):
+    large = {name: lines for name, lines in class_sizes(path.read_text()).items() if lines > MAX_CLASS_LINES}
+    assert not large, f"{module_name(path)}: {large}"
+
+
+def test_class_sizes_count_every_line():
+    assert class_sizes("@dataclass\nclass A:\n    x: int\n\n    def f(self):\n        pass\n") == {"A": 6}
 
 
 def test_the_rules_see_imports_of_every_form():
