@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import signal
 import textwrap
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ..errors import WindumpError
 from ..live.gdbconnection import GdbConnection
-from ..plugins import load_plugins
+from ..plugins import Plugins, load_plugins
 from ..sources.gdbstub import OPTIONS as STUB_OPTIONS
 from ..sources.gdbstub import GdbStubSource
 from ..writer import ProgressCallback
@@ -189,6 +190,12 @@ def progress_line(write: Callable[[str], None], *, interval: float = PROGRESS_IN
 TAKEN_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
+@functools.cache
+def session_plugins() -> Plugins:
+    """The plugins, loaded once per gdb session: every windump-save after the first starts at once."""
+    return load_plugins()
+
+
 def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str], None], terminal: bool) -> str:
     """Run ``windump-save ARGV`` in gdb: write the dump of the guest gdb is attached to, and return
     the summary line (empty with ``--quiet``). Expected failures raise WindumpError; Ctrl-C and
@@ -215,7 +222,7 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
         log.info("%s: opened in %.2f s", source.description, time.perf_counter() - started)
         timer = SaveTimer(progress_line(write) if drawing else None)
         try:
-            report = save(source, options.output, plugins=load_plugins(), force=force, progress=timer,
+            report = save(source, options.output, plugins=session_plugins(), force=force, progress=timer,
                           context_cpu=stub.selected_cpu)
         except BaseException:
             with contextlib.suppress(WindumpError):  # restoring over a dead connection: the first error tells why

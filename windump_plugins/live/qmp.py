@@ -11,13 +11,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
-
-from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from .procmem import peer_pid
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,12 @@ class QmpConnection:
         self._names = itertools.count()
         self._socket = self._connect()
         self.pid = self._find_pid()
-        self._qmp = QEMUMonitorProtocol(self._socket)
+        # QEMU's client (and asyncio) is imported only here: loading the plugins, as every windump
+        # and windump-save run does, then costs no 18 ms for a connection it may never make.
+        from qemu.qmp import QMPError
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self._qmp: QEMUMonitorProtocol = QEMUMonitorProtocol(self._socket)
         try:
             self._qmp.connect()
         except QMPError as error:
@@ -115,6 +120,8 @@ class QmpConnection:
 
     def execute(self, command: str, **arguments: object) -> Any:
         """Run a QMP command; QEMU's refusal or a lost connection becomes one SourceError line."""
+        from qemu.qmp import ExecuteError, QMPError
+
         log.debug("%s <- %s %s", self.description, command, arguments or "")
         try:
             reply = self._qmp.cmd(command, **arguments)
@@ -194,6 +201,8 @@ class QmpConnection:
 
     def pass_fd(self, fd: int) -> tuple[str, Callable[[], None]]:
         """Hand QEMU ``fd`` over the unix socket: the protocol string that names it, and an undo."""
+        from qemu.qmp import QMPError
+
         name = self.new_name()
         try:
             self._qmp.send_fd_scm(fd)
@@ -208,6 +217,8 @@ class QmpConnection:
         return f"fd:{name}", forget
 
     def close(self) -> None:
+        from qemu.qmp import QMPError
+
         with contextlib.suppress(QMPError, OSError, EOFError, RuntimeError):
             self._qmp.close()
         self._socket.close()
