@@ -30,6 +30,7 @@ from scratch import in_scratch_directory, publish  # noqa: E402  (beside this sc
 from qemu_guest import Machine, QemuGuest, build_guest, missing_tools, parse_ram  # noqa: E402
 
 from windump_plugins.guest.model import CrashedGuest  # noqa: E402
+from windump_plugins.plugins import load_plugins  # noqa: E402
 from windump_plugins.save import save  # noqa: E402
 from windump_plugins.sources.qmp import MEMORY_PATHS, QmpSource  # noqa: E402
 
@@ -51,13 +52,17 @@ def idle_ram(machine: Machine, workdir: Path):
         probe.kill()
 
 
+#: Loaded once, before any source opens, as the command line does: not while the guest is paused.
+PLUGINS = load_plugins(core_only=True)
+
+
 def windump_round(qemu: QemuGuest, path: str, output: Path) -> tuple[float, float]:
     """``save`` through a fresh qmp source on ``path``: seconds with sync, and seconds paused."""
     qemu.qmp.close()
     qemu.qmp = None
     source = QmpSource(str(qemu.qmp_path), memory=path, timeout=60)
     try:
-        seconds = synced(lambda: save(source, output))
+        seconds = synced(lambda: save(source, output, plugins=PLUGINS))
     finally:
         source.close()
         qemu._connect_qmp()

@@ -83,7 +83,8 @@ def save(
     """Write the crash dump of ``source`` to ``output`` (replaced only with ``force``).
 
     ``plugins`` build the header and lay out the file (None: windump's core plugins only, the
-    published header and the full dump); ``output_format`` names the layout. The header's
+    published header and the full dump, loaded here; a caller that keeps a live guest paused loads
+    them before it opens the source, as the front ends do); ``output_format`` names the layout. The header's
     ContextRecord and exception record show vCPU ``context_cpu`` (an index into ``source.cpus()``;
     None: the first). Every processor's CONTEXT holds its vCPU's registers in the dump; guest memory
     is never written. The caller owns ``source`` and closes it. Raises WindumpError when no header
