@@ -10,26 +10,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from test_gdb_command import AFTERWARDS, HALTED, check_left_clean, error_lines, gdb
-from test_live_faults import RUNNING, phy_mem_mode, stop_midway
+from test_live_faults import RUNNING, phy_mem_mode, start_save, stop_midway
 
-from corpus import BUILT_IN_PLUGINS
 
 pytestmark = pytest.mark.qemu
 
 SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
-
-
-def start_save(source: str, cwd: Path) -> subprocess.Popen:
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("WINDUMP_")}
-    environ["WINDUMP_PLUGINS"] = BUILT_IN_PLUGINS
-    return subprocess.Popen([sys.executable, "-m", "windump_plugins", "save", "-q", source, "guest.dmp"], cwd=cwd,
-                            env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
 
 
 def signal_midway(process: subprocess.Popen, directory: Path, signum: int, size: int) -> tuple[int, str, str]:
