@@ -279,14 +279,20 @@ def test_ctrl_c_removes_the_temporary_file_and_propagates(tmp_path, small_chunks
 
 @pytest.mark.parametrize("file_backed", [False, True])
 def test_disk_full(tmp_path, small_tmpfs, file_backed):
-    ram = [[0, 0x200000]]
-    runs = np.array([[0, 0x200]], dtype=np.uint64)
+    """The disk fills once the free space was checked: half the dump fits, then ENOSPC."""
+    ram = [[0, 0x80000]]
+    runs = np.array([[0, 0x80]], dtype=np.uint64)
     guest = FileGuest(tmp_path / "ram.bin", ram) if file_backed else MemoryGuest(ram)
     output = small_tmpfs / "out.dmp"
+
+    def fill(done, total):
+        if done == 0:
+            (small_tmpfs / "filler").write_bytes(b"\0" * (0x100000 - 0x40000))
+
     with pytest.raises(WindumpError, match=rf"^cannot write {output}: No space left on device$"):
-        write_dump(output, dump_header(runs), runs, guest)
+        write_dump(output, dump_header(runs), runs, guest, progress=fill)
     guest.close()
-    assert os.listdir(small_tmpfs) == []
+    assert os.listdir(small_tmpfs) == ["filler"]
 
 
 def test_read_only_directory(tmp_path, small_tmpfs):
@@ -334,7 +340,7 @@ def test_output_naming_a_directory(tmp_path):
     with pytest.raises(WindumpError, match=rf"^cannot write {tmp_path}/: it names a directory, not a file$"):
         write_dump(f"{tmp_path}/", dump_header(), RUNS, MemoryGuest())
     (tmp_path / "out.dmp").mkdir()
-    with pytest.raises(WindumpError, match=rf"^cannot write {tmp_path}/out.dmp: Is a directory$"):
+    with pytest.raises(WindumpError, match=rf"^cannot write {tmp_path}/out.dmp: it is a directory, not a file"):
         write_dump(tmp_path / "out.dmp", dump_header(), RUNS, MemoryGuest(), force=True)
     assert os.listdir(tmp_path) == ["out.dmp"]
 

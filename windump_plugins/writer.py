@@ -8,7 +8,8 @@ before the slow part: open (header written), the body (:meth:`~DumpWriter.pull` 
 that replace guest bytes at physical addresses in the output only: each processor's CONTEXT, never
 written into guest memory) after the last page, so a late page never undoes them, then syncs the
 file and renames it into place. The file is mode 0600 and appears only complete: leaving the writer
-without a commit, on any error or Ctrl-C, removes it.
+without a commit, on any error or Ctrl-C, removes it. :func:`check_output` refuses an OUTPUT the
+writer would refuse, for front ends to call before they open a source.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import enum
 import errno
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+import stat
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Self
 
 import numpy as np
 
 from . import pagecopy
-from .errors import WindumpError
+from .errors import WindumpError, WindumpWarning
 from .formats.dumpheader import PAGE_SIZE
 from .hookspecs import Layout
 from .outputs.full import full_layout
@@ -33,7 +36,7 @@ from .outputs.layout import PageMap
 from .pagecopy import PageCopier, Progress, ProgressCallback
 from .source import MemorySource
 
-__all__ = ["DumpWriter", "Overlay", "ProgressCallback", "Writeback", "write_dump"]
+__all__ = ["DumpWriter", "Overlay", "ProgressCallback", "Writeback", "check_output", "write_dump"]
 
 #: ``(physical address, bytes)``: what the output holds there instead of the guest's bytes.
 Overlay = tuple[int, bytes]
@@ -42,6 +45,78 @@ Overlay = tuple[int, bytes]
 _LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
 
 _RENAME_NOREPLACE = 1
+
+#: The longest file name where the file system does not say (Linux's NAME_MAX).
+_NAME_MAX = 255
+
+#: What a file at OUTPUT is, for the kinds that no dump may replace.
+_NOT_FILES = ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+              (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"))
+
+#: Free space under this multiple of the dump's size is worth a warning.
+_SPACE_MARGIN = 1.1
+
+
+def check_output(output: str | os.PathLike, *, force: bool, source_paths: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an ``output`` the writer could not or must not write, before a front end opens its
+    source (so no live guest is paused for nothing): a name that is a directory, a device node, a
+    FIFO or a socket (``force`` or not), one of ``source_paths`` under any spelling, an existing file
+    without ``force``, or a directory that is missing, not writable or takes no name that long."""
+    target = os.fspath(output)
+    directory, name = os.path.split(target)
+    if not name:
+        raise WindumpError(f"cannot write {target}: it names a directory, not a file")
+    try:
+        found = os.lstat(target)
+    except FileNotFoundError:
+        found = None
+    except OSError as exc:
+        raise WindumpError(f"cannot write {target}: {exc.strerror}") from exc
+    if found is not None:
+        _refuse_non_file(target, found)
+        for source in source_paths:
+            if _same_file(found, source):
+                raise WindumpError(f"cannot write {target}: it is the source {os.fspath(source)}, "
+                                   f"which --force does not replace")
+        if not force:
+            raise WindumpError(f"{target} exists (use --force to overwrite)")
+    parent = directory or "."
+    try:
+        if not stat.S_ISDIR(os.stat(parent).st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+        name_max = _name_max(parent)
+    except OSError as exc:
+        raise WindumpError(f"cannot write {target}: {exc.strerror}") from exc
+    if read_only:
+        raise WindumpError(f"cannot write {target}: {os.strerror(errno.EROFS)}")
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise WindumpError(f"cannot write {target}: {os.strerror(errno.EACCES)}")
+    if len(os.fsencode(name)) > name_max:
+        raise WindumpError(f"cannot write {target}: {os.strerror(errno.ENAMETOOLONG)}")
+
+
+def _refuse_non_file(target: str, found: os.stat_result) -> None:
+    for is_kind, kind in _NOT_FILES:
+        if is_kind(found.st_mode):
+            raise WindumpError(f"cannot write {target}: it is a {kind}, not a file (--force replaces only files)")
+
+
+def _same_file(found: os.stat_result, source: str | os.PathLike) -> bool:
+    """Whether the entry at OUTPUT is the file ``source`` names (a symlink at OUTPUT is replaced,
+    not followed, so only the entry itself counts)."""
+    try:
+        other = os.stat(source)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (other.st_dev, other.st_ino)
+
+
+def _name_max(directory: str | int) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return _NAME_MAX
 
 
 class Writeback(enum.Enum):
@@ -59,8 +134,10 @@ class DumpWriter:
     ``runs`` exactly once; use it as a context manager, and :meth:`commit` it.
 
     Raises WindumpError before creating anything when the layout or an overlay does not fit the
-    runs, or ``output`` exists (replaced only with ``force``; a symlink there is replaced, never
-    followed). Every OSError of the file becomes ``WindumpError("cannot write OUTPUT: ...")``.
+    runs, :func:`check_output` refuses ``output`` (an existing file is replaced only with ``force``;
+    a symlink there is replaced, never followed), or its file system has less room than the dump
+    (a WindumpWarning within 10% of it). Every OSError of the file becomes
+    ``WindumpError("cannot write OUTPUT: ...")``.
     """
 
     def __init__(self, output: str | os.PathLike, layout: Layout, runs: np.ndarray, *,
@@ -79,15 +156,13 @@ class DumpWriter:
         self.dir_fd = self.fd = -1
         self.temp_name: str | None = None
         directory, self.name = os.path.split(self.target)
-        if not self.name:
-            raise WindumpError(f"cannot write {self.target}: it names a directory, not a file")
-        if not force and os.path.lexists(self.target):
-            raise WindumpError(f"{self.target} exists (use --force to overwrite)")
+        check_output(self.target, force=force)  # again: the front end's check came before a source opened
         try:
             self.dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise WindumpError(f"cannot write {self.target}: {exc.strerror}") from exc
         try:
+            _check_space(self.dir_fd, self.target, self.pages.size)
             self.temp_name, self.fd = _create_private(self.dir_fd, self.name, self.target)
             with self._file_errors():
                 self.progress.report(force=True)
@@ -231,11 +306,35 @@ def _pwrite_fully(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
+def _check_space(dir_fd: int, target: str, size: int) -> None:
+    """Refuse a dump of ``size`` bytes that its file system has no room for, before the first byte;
+    warn when it leaves less than a tenth to spare (a file system that counts no blocks is not
+    judged)."""
+    found = os.fstatvfs(dir_fd)
+    if not found.f_blocks:
+        return
+    free = found.f_bavail * found.f_frsize
+    if free < size:
+        raise WindumpError(f"cannot write {target}: the dump needs {size} bytes, its file system has {free} free")
+    if free < size * _SPACE_MARGIN:
+        warnings.warn(f"{target}: the dump takes {size} of the {free} bytes free on its file system",
+                      WindumpWarning, stacklevel=3)
+
+
+def _temp_name(name: str, name_max: int) -> str:
+    """``.NAME.windump-XXXX.tmp``, or ``.windump-XXXXXXXXXXXXXXXX.tmp`` where NAME is too long for that."""
+    temp_name = f".{name}.windump-{secrets.token_hex(4)}.tmp"
+    if len(os.fsencode(temp_name)) <= name_max:
+        return temp_name
+    return f".windump-{secrets.token_hex(8)}.tmp"
+
+
 def _create_private(dir_fd: int, name: str, target: str) -> tuple[str, int]:
-    """Create ``.NAME.windump-XXXX.tmp`` beside the target, exclusively and mode 0600."""
+    """Create a temporary name (:func:`_temp_name`) beside the target, exclusively and mode 0600."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name_max = _name_max(dir_fd)
     for _ in range(16):
-        temp_name = f".{name}.windump-{secrets.token_hex(4)}.tmp"
+        temp_name = _temp_name(name, name_max)
         try:
             fd = os.open(temp_name, flags, 0o600, dir_fd=dir_fd)
         except FileExistsError:
@@ -249,8 +348,12 @@ def _create_private(dir_fd: int, name: str, target: str) -> tuple[str, int]:
 
 def _install(dir_fd: int, temp_name: str, name: str, target: str, force: bool) -> None:
     """Give the complete temporary file its final name; without ``force``, never over a file that
-    appeared meanwhile."""
+    appeared meanwhile, and never over anything but a file."""
     if force:
+        try:
+            _refuse_non_file(target, os.lstat(name, dir_fd=dir_fd))
+        except FileNotFoundError:
+            pass
         os.replace(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
     try:

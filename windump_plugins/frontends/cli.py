@@ -137,9 +137,11 @@ def _retire(stream) -> None:
 )
 def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     from ..save import save
+    from ..writer import check_output
     from .logs import SaveTimer
     from .progress import progress_bar
 
+    check_output(args.output, force=args.force, source_paths=_named_files(args.source))
     started = time.perf_counter()
     source = plugins.open_source(args.source)
     log.info("%s: opened in %.2f s", source.description or args.source, time.perf_counter() - started)
@@ -160,6 +162,13 @@ def _save(args: argparse.Namespace, plugins: Plugins) -> int:
     elif not args.quiet:
         _print_saved(reports.summary_line(report), report.output)
     return 0
+
+
+def _named_files(source: str) -> list[str]:
+    """The existing files SOURCE may name, as itself or after ``SCHEME:`` (before ``?OPTIONS``): what
+    OUTPUT must not be."""
+    rest = source.partition(":")[2].partition("?")[0]
+    return [path for path in (source, rest) if path and os.path.exists(path)]
 
 
 @command(

@@ -25,7 +25,7 @@ from ..live.gdbconnection import GdbConnection
 from ..plugins import Plugins, load_plugins
 from ..sources.gdbstub import OPTIONS as STUB_OPTIONS
 from ..sources.gdbstub import GdbStubSource
-from ..writer import ProgressCallback
+from ..writer import ProgressCallback, check_output
 from .arguments import FORCE, QUIET, VERBOSE, option_argument
 from .logs import SaveTimer, log, log_lines
 from .reports import summary_line
@@ -215,6 +215,7 @@ def save_in_gdb(argv: Sequence[str], settings: Settings, *, write: Callable[[str
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", ImportWarning)  # gdb's own import hooks, when plugins load
+        check_output(options.output, force=force)  # before gdb's connection is used at all
         started = time.perf_counter()
         stub = GdbConnection(options.timeout)
         source = GdbStubSource.through(stub, description=f"gdb://{stub.address}", header_pa=options.header_pa,
