@@ -153,8 +153,9 @@ class QmpConnection:
         import asyncio
 
         loop = self._qmp._aloop  # the legacy client's own loop; it has no public name
+        # The legacy client's _sync runs each command as a wait_for task; its reader and writer stay.
         tasks = [task for task in asyncio.all_tasks(loop)
-                 if not task.done() and task.get_coro().__name__ == "wait_for"]  # the legacy client's _sync
+                 if not task.done() and getattr(task.get_coro(), "__name__", "") == "wait_for"]
         for task in tasks:
             task.cancel()
         with contextlib.suppress(BaseException):
