@@ -107,11 +107,7 @@ class GuestMemoryDumps:
 
     def _fifo(self) -> tuple[str, int]:
         """A FIFO QEMU on this host opens by path (:func:`fifo_modes`): its path and our read end."""
-        try:
-            status = os.stat(f"/proc/{self.qmp.pid}")
-            directory_mode, fifo_mode, owner = fifo_modes(status.st_uid, status.st_gid)
-        except OSError:  # QEMU's process is not ours to see: another user's
-            directory_mode, fifo_mode, owner = fifo_modes(-1, -1)
+        directory_mode, fifo_mode, owner = fifo_modes(*_effective_ids(self.qmp.pid))
         if self._fifo_dir is None:
             self._fifo_dir = tempfile.mkdtemp(prefix="windump-qmp-")
             os.chmod(self._fifo_dir, directory_mode)
@@ -157,6 +153,20 @@ def fifo_modes(qemu_uid: int, qemu_gid: int) -> tuple[int, int, tuple[int, int] 
     if os.geteuid() == 0 and qemu_uid >= 0:
         return 0o700, 0o600, (qemu_uid, qemu_gid)
     return 0o711, 0o602, None
+
+
+def _effective_ids(pid: int) -> tuple[int, int]:
+    """QEMU's effective user and group (not its /proc directory's owner: that is root once ``-runas``
+    has made QEMU undumpable), or ``(-1, -1)`` when its process is not ours to see."""
+    ids = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("Uid:", "Gid:")):
+                    ids[line[:3]] = int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        return -1, -1
+    return ids.get("Uid", -1), ids.get("Gid", -1)
 
 
 def _nothing() -> None:
