@@ -156,8 +156,8 @@ def fifo_modes(qemu_uid: int, qemu_gid: int) -> tuple[int, int, tuple[int, int] 
 
 
 def _effective_ids(pid: int) -> tuple[int, int]:
-    """QEMU's effective user and group (not its /proc directory's owner: that is root once ``-runas``
-    has made QEMU undumpable), or ``(-1, -1)`` when its process is not ours to see."""
+    """QEMU's effective user and group, as it opens files (``/proc/PID``'s owner may be root for a
+    process that changed its user, such as QEMU under ``-runas``), or ``(-1, -1)`` when not ours to see."""
     ids = {}
     try:
         with open(f"/proc/{pid}/status") as status:
