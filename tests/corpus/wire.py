@@ -155,11 +155,14 @@ IDLE_DUMP = {"status": "none", "completed": 0, "total": 0}
 MTREE = 'FlatView #0\n AS "memory", root: system\n Root memory region: system\n  0000000000000000-0000000007ffffff (prio 0, ram): pc.ram\n'
 
 BAD_QMP = [
-    BadQmp("silent peer", {}, "qmp:{path}: {path} sent no QMP greeting within 1 s: not a QEMU QMP monitor", greeting=None),
-    BadQmp("SSH server", {}, "qmp:{path}: {path} is not a QEMU QMP monitor (it greets with b'SSH-2.')",
+    BadQmp("silent peer", {},
+           "qmp:{path}: {path} sent no QMP greeting within 1 s: another client may hold the monitor "
+           "(QEMU serves one client per QMP monitor), or it is not a QEMU QMP monitor", greeting=None),
+    BadQmp("SSH server", {},
+           "qmp:{path}: {path} is not a QEMU QMP monitor (it greets with b'SSH-2.0-OpenSSH_9.2\\r\\n')",
            greeting=b"SSH-2.0-OpenSSH_9.2\r\n"),
-    BadQmp("hangs up at negotiation", {"qmp_capabilities": None}, "qmp:{path}: QMP negotiation with {path} failed:",
-           prefix=True),
+    BadQmp("hangs up at negotiation", {"qmp_capabilities": None},
+           "qmp:{path}: lost the QMP connection during qmp_capabilities (did QEMU quit?):", prefix=True),
     BadQmp("query-dump refused", {"query-dump": {"error": {"class": "GenericError", "desc": "no"}}},
            "qmp:{path}: QMP query-dump failed: no"),
     BadQmp("query-dump without status", {"query-dump": {"return": {}}},

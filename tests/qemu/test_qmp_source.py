@@ -223,3 +223,34 @@ def test_command_line_dumps_a_running_guest(booted, run_windump, tmp_path):
     qemu.execute("stop")
     verified = run_windump("verify", "live.dmp")
     assert verified.stdout.strip() == "live.dmp: ok", verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize("booted", [RUNNING], indirect=True, ids=lambda v: v.name)
+def test_qmp_at_a_gdbstub_port_names_it_and_leaves_the_vm_as_found(booted):
+    """qmp://HOST:GDBPORT: QEMU's gdbstub stops a running VM on accepting us and says so, so windump
+    names it and detaches (the VM runs again); a stopped VM's stub is silent, and stays stopped."""
+    qemu = booted.qemu
+    where = f"127.0.0.1:{qemu.gdb_port}"
+    qemu.execute("cont")
+    try:
+        with pytest.raises(SourceError, match=rf"answers like a gdbstub .*: this looks like a gdbstub; use gdb://{where}$"):
+            QmpSource(("127.0.0.1", qemu.gdb_port), timeout=2)
+        deadline = time.monotonic() + 5
+        while not qemu.execute("query-status")["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # QEMU handles the detach after windump has closed
+        assert qemu.execute("query-status")["running"] is True
+    finally:
+        qemu.execute("stop")
+    with pytest.raises(SourceError, match=rf"{where} accepted the connection but sent nothing within 0.5 s"):
+        QmpSource(("127.0.0.1", qemu.gdb_port), timeout=0.5)
+    assert qemu.execute("query-status")["running"] is False
+
+
+@pytest.mark.parametrize("booted", [HALTED], indirect=True, ids=lambda v: v.name)
+def test_tcp_monitor_held_by_another_client(booted):
+    """QEMU serves one client per QMP monitor: the second waits unaccepted, and is told why."""
+    qemu = booted.qemu
+    with QmpSource(("127.0.0.1", qemu.tcp_port)):
+        with pytest.raises(SourceError, match=r"QEMU has not accepted the connection to .* within 0.5 s: another "
+                                              r"client may hold the monitor"):
+            QmpSource(("127.0.0.1", qemu.tcp_port), timeout=0.5)

@@ -43,6 +43,13 @@ def _socket_inode(connection: socket.socket) -> int | None:
     return None
 
 
+def peer_accepted(connection: socket.socket) -> bool | None:
+    """Whether the listener on this host has accepted TCP ``connection`` (a queued one has no inode
+    yet); None when its end is not on this host."""
+    inode = _socket_inode(connection)
+    return None if inode is None else inode != 0
+
+
 def peer_pid(connection: socket.socket) -> int | None:
     """The PID of the local process holding the other end of TCP ``connection``, or None.
 

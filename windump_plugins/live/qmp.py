@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from .procmem import peer_pid
+from .qmpgreeting import read_greeting
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
 log = logging.getLogger(__name__)
-
-#: Bytes of QEMU's greeting we wait for before handing the socket to the QMP client.
-GREETING_PREFIX = b'{"QMP"'
 
 
 class QmpConnection:
@@ -51,12 +49,16 @@ class QmpConnection:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         self._qmp: QEMUMonitorProtocol = QEMUMonitorProtocol(self._socket)
-        try:
-            self._qmp.connect()
-        except QMPError as error:
-            self._socket.close()
-            raise SourceError(f"{description}: QMP negotiation with {self._where} failed: {error}") from None
         self._qmp.settimeout(timeout)
+        try:
+            self._qmp.connect(negotiate=False)  # the greeting is read above, within the timeout
+            self.execute("qmp_capabilities")
+        except QMPError as error:
+            self.close()
+            raise SourceError(f"{description}: QMP negotiation with {self._where} failed: {error}") from None
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def unix(self) -> bool:
@@ -87,21 +89,11 @@ class QmpConnection:
         except OSError as error:
             raise SourceError(f"{self.description}: cannot connect to {where}: {error.strerror or error}") from None
         try:
-            greeting = b""
-            while len(greeting) < len(GREETING_PREFIX):
-                greeting = sock.recv(len(GREETING_PREFIX), socket.MSG_PEEK)
-                if not greeting or not GREETING_PREFIX.startswith(greeting):
-                    break
-        except TimeoutError:
+            greeting = read_greeting(sock, timeout=self.timeout, description=self.description, where=where)
+        except BaseException:
             sock.close()
-            raise SourceError(f"{self.description}: {where} sent no QMP greeting within {self.timeout:g} s: "
-                              f"not a QEMU QMP monitor") from None
-        except OSError as error:
-            sock.close()
-            raise SourceError(f"{self.description}: cannot connect to {where}: {error.strerror or error}") from None
-        if not greeting.startswith(GREETING_PREFIX):
-            sock.close()
-            raise SourceError(f"{self.description}: {where} is not a QEMU QMP monitor (it greets with {greeting!r})")
+            raise
+        log.debug("%s -> greeting %.200s", self.description, greeting)
         sock.settimeout(None)
         return sock
 
@@ -134,6 +126,9 @@ class QmpConnection:
             self.lost = True
             raise SourceError(f"{self.description}: lost the QMP connection during {command} (did QEMU quit?): "
                               f"{error or type(error).__name__}") from None
+        except BaseException:  # Ctrl-C inside the client's event loop: the command's task goes quietly
+            self._cancel_command()
+            raise
         log.debug("%s -> %.200s", self.description, reply)
         return reply
 
@@ -151,6 +146,20 @@ class QmpConnection:
         if not isinstance(text, str):
             raise SourceError(f"{self.description}: QMP human-monitor-command answered {str(text)[:60]}, not text")
         return text
+
+    def _cancel_command(self) -> None:
+        """Cancel and collect an interrupted command's task, so it does not die later with a
+        traceback; the connection stays usable (QEMU's late reply is dropped), so ``cont`` still goes."""
+        import asyncio
+
+        loop = self._qmp._aloop  # the legacy client's own loop; it has no public name
+        # The legacy client's _sync runs each command as a wait_for task; its reader and writer stay.
+        tasks = [task for task in asyncio.all_tasks(loop)
+                 if not task.done() and getattr(task.get_coro(), "__name__", "") == "wait_for"]
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
     def mark_lost(self) -> None:
         """Say QEMU is gone (its process quit): nothing more is sent."""
@@ -170,8 +179,8 @@ class QmpConnection:
         """Stop the guest if it runs; :meth:`resume` restarts only a guest stopped here."""
         self.was_running = bool(self.query("query-status", "running")["running"])
         if self.was_running:
+            self._paused_at = time.monotonic()  # first: a Ctrl-C while stop waits still resumes
             self.execute("stop")
-            self._paused_at = time.monotonic()
             log.info("%s: guest paused", self.description)
 
     def resume(self) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -72,6 +73,7 @@ class GuestMemoryDumps:
 
     def start_stream(self, *, parse: bool = True, **arguments: object) -> ElfStream:
         """Start QEMU's detached ELF dump into a pipe (or FIFO) and return its read end as a stream."""
+        fifo = None
         if self.qmp.unix:
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
             with contextlib.suppress(OSError):
@@ -84,14 +86,17 @@ class GuestMemoryDumps:
             finally:
                 os.close(write_fd)
         else:
-            path, read_fd = self._fifo()
-            protocol, forget = f"file:{path}", _nothing
+            fifo, read_fd = self._fifo()
+            protocol, forget = f"file:{fifo}", _nothing
         try:
             self._dump(protocol, detach=True, **arguments)
         except BaseException:
             forget()
             os.close(read_fd)
             raise
+        finally:
+            if fifo is not None:  # QEMU opened it (dump-guest-memory returns after): nobody else may now
+                os.unlink(fifo)
         return ElfStream(read_fd, self.qmp.description, parse=parse)
 
     def _dump(self, protocol: str, *, detach: bool = False, **arguments: object) -> None:
@@ -101,13 +106,18 @@ class GuestMemoryDumps:
             self.qmp.clear_events()
 
     def _fifo(self) -> tuple[str, int]:
-        """A FIFO QEMU on this host opens by path: its path and our read end."""
+        """A FIFO QEMU on this host opens by path (:func:`fifo_modes`): its path and our read end."""
+        directory_mode, fifo_mode, owner = fifo_modes(*_effective_ids(self.qmp.pid))
         if self._fifo_dir is None:
             self._fifo_dir = tempfile.mkdtemp(prefix="windump-qmp-")
-            os.chmod(self._fifo_dir, 0o711)
-        path = os.path.join(self._fifo_dir, self.qmp.new_name())
-        os.mkfifo(path, 0o622)
-        os.chmod(path, 0o622)  # QEMU may run as another user; the directory cannot be listed
+            os.chmod(self._fifo_dir, directory_mode)
+            if owner is not None:
+                os.chown(self._fifo_dir, *owner)
+        path = os.path.join(self._fifo_dir, secrets.token_hex(16))
+        os.mkfifo(path, 0o600)
+        os.chmod(path, fifo_mode)
+        if owner is not None:
+            os.chown(path, *owner)
         read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(read_fd, True)
         return path, read_fd
@@ -131,6 +141,32 @@ class GuestMemoryDumps:
         if self._fifo_dir is not None:
             shutil.rmtree(self._fifo_dir, True)
             self._fifo_dir = None
+
+
+def fifo_modes(qemu_uid: int, qemu_gid: int) -> tuple[int, int, tuple[int, int] | None]:
+    """``(directory mode, FIFO mode, owner for both or None)``: the narrowest that lets QEMU's user
+    open a FIFO of ours for writing. QEMU as us: 0700 and 0600. QEMU as another user (libvirt's
+    ``libvirt-qemu``) while we are root: both owned by that user, 0700 and 0600 (root reads anyway).
+    Otherwise only others' write bit serves: 0711 and 0602, under a random name nobody can list."""
+    if qemu_uid == os.geteuid():
+        return 0o700, 0o600, None
+    if os.geteuid() == 0 and qemu_uid >= 0:
+        return 0o700, 0o600, (qemu_uid, qemu_gid)
+    return 0o711, 0o602, None
+
+
+def _effective_ids(pid: int) -> tuple[int, int]:
+    """QEMU's effective user and group, as it opens files (``/proc/PID``'s owner may be root for a
+    process that changed its user, such as QEMU under ``-runas``), or ``(-1, -1)`` when not ours to see."""
+    ids = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("Uid:", "Gid:")):
+                    ids[line[:3]] = int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        return -1, -1
+    return ids.get("Uid", -1), ids.get("Gid", -1)
 
 
 def _nothing() -> None:
