@@ -47,9 +47,9 @@ def _windump_import():
                 continue
             sys.path.insert(0, str(root))
         try:
-            from windump_plugins.frontends import gdb as gdbscript
+            from windump_plugins.frontends import gdb as frontend
             from windump_plugins.errors import WindumpError
-            return (gdbscript, WindumpError), None
+            return (frontend, WindumpError), None
         except ImportError as error:
             if getattr(error, "name", "") not in ("windump_plugins", "windump_plugins.frontends.gdb"):
                 problem = problem or f"{error}"
@@ -99,22 +99,22 @@ class _WindumpSetting(gdb.Parameter):
 class WindumpSave(gdb.Command):
     """Write a Windows crash dump of the QEMU guest gdb is attached to."""
 
-    def __init__(self, gdbscript, error_class):
-        self.__doc__ = gdbscript.save_help()  # the one parser's help, read by gdb when registering
+    def __init__(self, frontend, error_class):
+        self.__doc__ = frontend.save_help()  # the one parser's help, read by gdb when registering
         super().__init__("windump-save", gdb.COMMAND_FILES, gdb.COMPLETE_FILENAME)
-        self._gdbscript, self._error_class = gdbscript, error_class
+        self._frontend, self._error_class = frontend, error_class
 
     def invoke(self, argument, from_tty):
         self.dont_repeat()
-        settings = self._gdbscript.Settings(**{setting.keyword: gdb.parameter(f"windump {setting.name}")
-                                               for setting in self._gdbscript.SETTINGS})
+        settings = self._frontend.Settings(**{setting.keyword: gdb.parameter(f"windump {setting.name}")
+                                               for setting in self._frontend.SETTINGS})
 
         def write(text):
             gdb.write(text)
             gdb.flush()
 
         try:
-            line = self._gdbscript.save_in_gdb(gdb.string_to_argv(argument), settings, write=write,
+            line = self._frontend.save_in_gdb(gdb.string_to_argv(argument), settings, write=write,
                                                terminal=os.isatty(1))
         except self._error_class as error:
             raise gdb.GdbError(f"windump-save: {error}") from None
