@@ -175,6 +175,31 @@ def test_source_path_errors(tmp_path, monkeypatch):
     assert plugins.open_source("fake:file").description == "fake:file"
 
 
+def test_a_fifo_a_character_device_or_a_socket_is_refused_before_a_byte_is_read(tmp_path):
+    # Run in a child with a timeout: before the fix, opening a FIFO with no writer blocks for ever.
+    fifo = tmp_path / "dump.elf"
+    os.mkfifo(fifo)
+    sock = tmp_path / "dump.sock"
+    script = (
+        "import socket, sys\n"
+        "from windump_plugins.errors import SourceError\n"
+        "from windump_plugins.plugins import Plugins\n"
+        "server = socket.socket(socket.AF_UNIX); server.bind(sys.argv[3])\n"
+        "for spec in sys.argv[1:]:\n"
+        "    try:\n"
+        "        Plugins().open_source(spec)\n"
+        "    except SourceError as error:\n"
+        "        print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(fifo), "/dev/null", str(sock)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.stderr == ""
+    expected = "not a file: expected a QEMU ELF dump file or SCHEME:..."
+    assert result.stdout.splitlines() == [f"{fifo} is a FIFO (named pipe), {expected}",
+                                          f"/dev/null is a character device, {expected}",
+                                          f"{sock} is a socket, {expected}"]
+
+
 def test_open_file_sees_at_most_4096_bytes_of_head(tmp_path):
     seen = []
 

@@ -58,6 +58,12 @@ LOCATION = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 #: Bytes of a file's start that ``windump_open_file`` sees.
 HEAD_SIZE = 4096
 
+#: What a SOURCE path may name besides a regular file, and what it must not: reading a FIFO's,
+#: a terminal's or a socket's head waits for a writer for ever, or fails with "Illegal seek".
+#: A block device may hold a dump image, and its reads come from a disk, not from a peer.
+_NOT_DUMPS = ((stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISSOCK, "a socket"))
+
 
 class PluginWarning(UserWarning):
     """A plugin was skipped (it failed to import, to register, or implements an unknown hook), or one
@@ -118,6 +124,12 @@ def load_plugins(
             warn(f"{ONLY_VARIABLE} names plugin {name}, but no installed plugin has that name")
     plugins.check_pending()
     return plugins
+
+
+def _refuse_non_dump(spec: str, mode: int) -> None:
+    for test, what in _NOT_DUMPS:
+        if test(mode):
+            raise SourceError(f"{spec} is {what}, not a file: expected a QEMU ELF dump file or SCHEME:...")
 
 
 class Plugins:
@@ -262,9 +274,15 @@ class Plugins:
             raise SourceError(f"{spec} is a directory, expected a QEMU ELF dump file or SCHEME:...")
         if stat.S_ISREG(status.st_mode) and status.st_size == 0:
             raise SourceError(f"{spec} is empty")
+        _refuse_non_dump(spec, status.st_mode)
         try:
-            with open(spec, "rb") as file:
-                head = file.read(HEAD_SIZE)
+            # O_NONBLOCK: a FIFO swapped in after the stat must not block the open; fstat refuses it.
+            descriptor = os.open(spec, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            try:
+                _refuse_non_dump(spec, os.fstat(descriptor).st_mode)
+                head = os.pread(descriptor, HEAD_SIZE, 0)
+            finally:
+                os.close(descriptor)
         except OSError as exc:
             raise SourceError(f"{spec}: {exc.strerror}") from exc
         if not head:
