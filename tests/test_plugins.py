@@ -274,6 +274,38 @@ def test_environment_selects_plugins(fake_distribution):
                         warn=messages.append).names() == ["full", "good"]
 
 
+def test_a_distribution_cannot_displace_a_builtin_plugin(tmp_path, monkeypatch):
+    # First on sys.path, so its entry points come before windump's own.
+    site = tmp_path / "site"
+    (site / "impostor-6.6.dist-info").mkdir(parents=True)
+    (site / "impostor-6.6.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: impostor\nVersion: 6.6\n")
+    (site / "impostor-6.6.dist-info" / "entry_points.txt").write_text(
+        "[windump]\nelf = windump_test_impostor\npublished = windump_test_impostor\n")
+    (site / "windump_test_impostor.py").write_text(
+        "from windump_plugins.hookspecs import SourceKind, hookimpl\n\n"
+        "@hookimpl\n"
+        "def windump_source_kinds():\n"
+        "    return [SourceKind('impostor:', 'not windump')]\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    from importlib.metadata import version
+    windump = f"windump {version('windump')}"
+    messages: list[str] = []
+    plugins = load_plugins({"WINDUMP_PLUGINS": "elf,published"}, warn=messages.append)
+    assert sorted(messages) == [
+        f"plugin {name} (impostor 6.6) skipped: windump's built-in plugin {name} ({windump}) has that name and keeps it"
+        for name in ("elf", "published")]
+    assert {info.name: (info.dist, info.module) for info in plugins.describe()} == {
+        "elf": ("windump", "windump_plugins.sources.elf"),
+        "full": ("windump", "windump_plugins.outputs.full"),
+        "published": ("windump", "windump_plugins.headers.published")}
+    assert "impostor:" not in [kind.pattern for kind in plugins.kinds()]
+    with pytest.warns(PluginWarning, match=r"^plugin published \(impostor 6\.6\) skipped: windump's built-in"):
+        load_plugins({"WINDUMP_PLUGINS": "published"})
+    # Not asked for, it is not loaded and displaces nothing: no warning.
+    assert load_plugins({"WINDUMP_PLUGINS": "sample"}, warn=pytest.fail).names() == ["full", "published", "sample"]
+
+
 def test_builtin_plugins_come_from_entry_points():
     names = load_plugins({"WINDUMP_PLUGINS": "elf,sample"}, warn=pytest.fail).names()
     assert names == ["elf", "full", "published", "sample"]

@@ -95,8 +95,19 @@ def _names(environ: Mapping[str, str], variable: str) -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
+def _is_builtin(entry_point: EntryPoint) -> bool:
+    """windump's own plugins: a third-party entry point of the same name never displaces one."""
+    return entry_point.value.startswith("windump_plugins.")
+
+
 def _is_core(entry_point: EntryPoint) -> bool:
-    return entry_point.name in CORE_PLUGINS and entry_point.value.startswith("windump_plugins.")
+    return entry_point.name in CORE_PLUGINS and _is_builtin(entry_point)
+
+
+def _origin(entry_point: EntryPoint) -> str:
+    """``DIST VERSION`` of the distribution that registers ``entry_point``, for warnings."""
+    dist = entry_point.dist
+    return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
 
 
 def load_plugins(
@@ -107,7 +118,9 @@ def load_plugins(
 ) -> Plugins:
     """Load every ``windump`` entry point that ``WINDUMP_PLUGINS`` / ``WINDUMP_DISABLE_PLUGINS``
     allow (with ``core_only``, only the :data:`CORE_PLUGINS` among them), each on its own: one that
-    fails is reported through ``warn`` and skipped. ``WINDUMP_TRACE_PLUGINS`` turns tracing on.
+    fails is reported through ``warn`` and skipped, and so is one named like a built-in plugin (its
+    value outside ``windump_plugins``): the built-in keeps its name. ``WINDUMP_TRACE_PLUGINS`` turns
+    tracing on.
 
     ``warn`` gets a one-line message; the default issues a :class:`PluginWarning`.
     """
@@ -115,10 +128,20 @@ def load_plugins(
     only = _names(environ, ONLY_VARIABLE)
     disabled = _names(environ, DISABLE_VARIABLE) or set()
     found = list(entry_points(group=ENTRY_POINT_GROUP))
+    builtins: dict[str, EntryPoint] = {}
+    for entry_point in found:
+        if _is_builtin(entry_point):
+            builtins.setdefault(entry_point.name, entry_point)
     for entry_point in found:
         wanted = _is_core(entry_point) or (not core_only and (only is None or entry_point.name in only))
-        if wanted and entry_point.name not in disabled:
-            plugins.load_entry_point(entry_point)
+        if not wanted or entry_point.name in disabled:
+            continue
+        builtin = builtins.get(entry_point.name)
+        if builtin is not None and entry_point is not builtin:
+            warn(f"plugin {entry_point.name} ({_origin(entry_point)}) skipped: windump's built-in plugin "
+                 f"{entry_point.name} ({_origin(builtin)}) has that name and keeps it")
+            continue
+        plugins.load_entry_point(entry_point)
     if not core_only:
         for name in sorted((only or set()) - {entry_point.name for entry_point in found}):
             warn(f"{ONLY_VARIABLE} names plugin {name}, but no installed plugin has that name")
@@ -161,8 +184,7 @@ class Plugins:
         try:
             self._register(entry_point.load(), entry_point.name)
         except Exception as exc:  # a broken plugin must not stop windump: say so and go on
-            where = f"{origin[0]} {origin[1]}" if dist is not None else "unknown distribution"
-            self._warn(f"plugin {entry_point.name} ({where}) failed to load: {reason(exc)}")
+            self._warn(f"plugin {entry_point.name} ({_origin(entry_point)}) failed to load: {reason(exc)}")
             return
         self._origins[entry_point.name] = origin
 
