@@ -147,7 +147,9 @@ def test_model_guest_round_trip(tmp_path):
 def test_file_extents_agree_with_read(tmp_path):
     guest = TinyGuest(LOW_RANGES)
     path = tmp_path / "guest.elf"
-    write_qemu_elf(path, guest, ranges=[LOW_RANGES[0], (0x100000, 0x140001), (0x140001, 0x180000)])
+    # The two halves of a RAM range written in swapped order: a seam that is not contiguous in the file.
+    write_qemu_elf(path, guest, qemu72_quirks=False,
+                   ranges=[LOW_RANGES[0], (0x140001, 0x180000), (0x100000, 0x140001)])
     with ElfSource(path) as source:
         extents = source.file_extents(0x13F000, 0x3000)
         assert [e.length for e in extents] == [0x1001, 0x1FFF]
@@ -317,3 +319,31 @@ def test_real_qemu_dump(tmp_path):
     with ElfSource(copy) as source:
         from_prstatus = [c.registers for c in source.cpus()]
     assert from_prstatus == [{name: states[i][name] for name in I386_PRSTATUS_NAMES} for i in range(2)]
+
+
+def test_adjacent_pt_loads_become_one_piece(tmp_path):
+    # 65,538 PT_LOADs (PN_XNUM) of 16 bytes, back to back in memory and in the file, as QEMU writes a
+    # RAM block it splits by memory region: one piece, so a save makes one kernel copy, not 65,538.
+    count, size = 0x10002, 16
+    guest = TinyGuest([(0, count * size)])
+    path = tmp_path / "pieces.elf"
+    loads = write_qemu_elf(path, guest, pn_xnum=True, qemu72_quirks=False,
+                           ranges=[(i * size, (i + 1) * size) for i in range(count)])
+    assert len(loads) == count
+    with ElfSource(path) as source:
+        assert source.ram.tolist() == [[0, count * size]]
+        (extent,) = source.file_extents(0, count * size)
+        assert (extent.offset, extent.length) == (loads[0][1], count * size)
+        assert source.read(0, count * size) == guest.read(0, count * size)
+        assert source.read(0x1234, 0x100) == guest.read(0x1234, 0x100)
+
+
+def test_pt_loads_adjacent_in_memory_but_not_in_the_file_stay_apart(tmp_path):
+    # Written in reverse order: physically contiguous, but the second block comes first in the file.
+    guest = TinyGuest([(0, 0x3000)])
+    path = tmp_path / "reversed.elf"
+    write_qemu_elf(path, guest, qemu72_quirks=False, ranges=[(0x2000, 0x3000), (0x1000, 0x2000), (0, 0x1000)])
+    with ElfSource(path) as source:
+        assert source.ram.tolist() == [[0, 0x3000]]
+        assert len(source.file_extents(0, 0x3000)) == 3
+        assert source.read(0, 0x3000) == guest.read(0, 0x3000)

@@ -175,6 +175,31 @@ def test_source_path_errors(tmp_path, monkeypatch):
     assert plugins.open_source("fake:file").description == "fake:file"
 
 
+def test_a_fifo_a_character_device_or_a_socket_is_refused_before_a_byte_is_read(tmp_path):
+    # Run in a child with a timeout: before the fix, opening a FIFO with no writer blocks for ever.
+    fifo = tmp_path / "dump.elf"
+    os.mkfifo(fifo)
+    sock = tmp_path / "dump.sock"
+    script = (
+        "import socket, sys\n"
+        "from windump_plugins.errors import SourceError\n"
+        "from windump_plugins.plugins import Plugins\n"
+        "server = socket.socket(socket.AF_UNIX); server.bind(sys.argv[3])\n"
+        "for spec in sys.argv[1:]:\n"
+        "    try:\n"
+        "        Plugins().open_source(spec)\n"
+        "    except SourceError as error:\n"
+        "        print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(fifo), "/dev/null", str(sock)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.stderr == ""
+    expected = "not a file: expected a QEMU ELF dump file or SCHEME:..."
+    assert result.stdout.splitlines() == [f"{fifo} is a FIFO (named pipe), {expected}",
+                                          f"/dev/null is a character device, {expected}",
+                                          f"{sock} is a socket, {expected}"]
+
+
 def test_open_file_sees_at_most_4096_bytes_of_head(tmp_path):
     seen = []
 
@@ -247,6 +272,38 @@ def test_environment_selects_plugins(fake_distribution):
     # Only WINDUMP_DISABLE_PLUGINS skips them.
     assert load_plugins({"WINDUMP_PLUGINS": "good", "WINDUMP_DISABLE_PLUGINS": "published"},
                         warn=messages.append).names() == ["full", "good"]
+
+
+def test_a_distribution_cannot_displace_a_builtin_plugin(tmp_path, monkeypatch):
+    # First on sys.path, so its entry points come before windump's own.
+    site = tmp_path / "site"
+    (site / "impostor-6.6.dist-info").mkdir(parents=True)
+    (site / "impostor-6.6.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: impostor\nVersion: 6.6\n")
+    (site / "impostor-6.6.dist-info" / "entry_points.txt").write_text(
+        "[windump]\nelf = windump_test_impostor\npublished = windump_test_impostor\n")
+    (site / "windump_test_impostor.py").write_text(
+        "from windump_plugins.hookspecs import SourceKind, hookimpl\n\n"
+        "@hookimpl\n"
+        "def windump_source_kinds():\n"
+        "    return [SourceKind('impostor:', 'not windump')]\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    from importlib.metadata import version
+    windump = f"windump {version('windump')}"
+    messages: list[str] = []
+    plugins = load_plugins({"WINDUMP_PLUGINS": "elf,published"}, warn=messages.append)
+    assert sorted(messages) == [
+        f"plugin {name} (impostor 6.6) skipped: windump's built-in plugin {name} ({windump}) has that name and keeps it"
+        for name in ("elf", "published")]
+    assert {info.name: (info.dist, info.module) for info in plugins.describe()} == {
+        "elf": ("windump", "windump_plugins.sources.elf"),
+        "full": ("windump", "windump_plugins.outputs.full"),
+        "published": ("windump", "windump_plugins.headers.published")}
+    assert "impostor:" not in [kind.pattern for kind in plugins.kinds()]
+    with pytest.warns(PluginWarning, match=r"^plugin published \(impostor 6\.6\) skipped: windump's built-in"):
+        load_plugins({"WINDUMP_PLUGINS": "published"})
+    # Not asked for, it is not loaded and displaces nothing: no warning.
+    assert load_plugins({"WINDUMP_PLUGINS": "sample"}, warn=pytest.fail).names() == ["full", "published", "sample"]
 
 
 def test_builtin_plugins_come_from_entry_points():

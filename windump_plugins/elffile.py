@@ -121,7 +121,13 @@ class ElfSource(FileMapSource):
             raise self._fail(f"PT_LOAD {index[i]} puts physical {int(start[i]):#x}-{int(min(end[i], end[j])):#x} "
                              f"at file offset {int(offset[i]):#x}, but PT_LOAD {index[j]} puts it at "
                              f"{int(offset[j]) + int(start[i]) - int(start[j]):#x}")
-        first = np.flatnonzero(~overlaps)
+        # One piece per run of segments that overlap or touch with the same file layout (QEMU writes
+        # each RAM block as one PT_LOAD per memory region, back to back): reads, lookups and kernel
+        # copies then see one piece where the file has one stretch.
+        touches = np.zeros(start.size, bool)
+        touches[1:] = start[1:] == reach[:-1]
+        joined = overlaps | (touches & np.append(False, delta[1:] == delta[:-1]))
+        first = np.flatnonzero(~joined)
         last = np.append(first[1:], start.size) - 1
         self.memory = FileMap(self._file, start[first], reach[last], offset[first], self.description)
 

@@ -58,6 +58,12 @@ LOCATION = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 #: Bytes of a file's start that ``windump_open_file`` sees.
 HEAD_SIZE = 4096
 
+#: What a SOURCE path may name besides a regular file, and what it must not: reading a FIFO's,
+#: a terminal's or a socket's head waits for a writer for ever, or fails with "Illegal seek".
+#: A block device may hold a dump image, and its reads come from a disk, not from a peer.
+_NOT_DUMPS = ((stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISSOCK, "a socket"))
+
 
 class PluginWarning(UserWarning):
     """A plugin was skipped (it failed to import, to register, or implements an unknown hook), or one
@@ -89,8 +95,19 @@ def _names(environ: Mapping[str, str], variable: str) -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
+def _is_builtin(entry_point: EntryPoint) -> bool:
+    """windump's own plugins: a third-party entry point of the same name never displaces one."""
+    return entry_point.value.startswith("windump_plugins.")
+
+
 def _is_core(entry_point: EntryPoint) -> bool:
-    return entry_point.name in CORE_PLUGINS and entry_point.value.startswith("windump_plugins.")
+    return entry_point.name in CORE_PLUGINS and _is_builtin(entry_point)
+
+
+def _origin(entry_point: EntryPoint) -> str:
+    """``DIST VERSION`` of the distribution that registers ``entry_point``, for warnings."""
+    dist = entry_point.dist
+    return f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
 
 
 def load_plugins(
@@ -101,7 +118,9 @@ def load_plugins(
 ) -> Plugins:
     """Load every ``windump`` entry point that ``WINDUMP_PLUGINS`` / ``WINDUMP_DISABLE_PLUGINS``
     allow (with ``core_only``, only the :data:`CORE_PLUGINS` among them), each on its own: one that
-    fails is reported through ``warn`` and skipped. ``WINDUMP_TRACE_PLUGINS`` turns tracing on.
+    fails is reported through ``warn`` and skipped, and so is one named like a built-in plugin (its
+    value outside ``windump_plugins``): the built-in keeps its name. ``WINDUMP_TRACE_PLUGINS`` turns
+    tracing on.
 
     ``warn`` gets a one-line message; the default issues a :class:`PluginWarning`.
     """
@@ -109,15 +128,31 @@ def load_plugins(
     only = _names(environ, ONLY_VARIABLE)
     disabled = _names(environ, DISABLE_VARIABLE) or set()
     found = list(entry_points(group=ENTRY_POINT_GROUP))
+    builtins: dict[str, EntryPoint] = {}
+    for entry_point in found:
+        if _is_builtin(entry_point):
+            builtins.setdefault(entry_point.name, entry_point)
     for entry_point in found:
         wanted = _is_core(entry_point) or (not core_only and (only is None or entry_point.name in only))
-        if wanted and entry_point.name not in disabled:
-            plugins.load_entry_point(entry_point)
+        if not wanted or entry_point.name in disabled:
+            continue
+        builtin = builtins.get(entry_point.name)
+        if builtin is not None and entry_point is not builtin:
+            warn(f"plugin {entry_point.name} ({_origin(entry_point)}) skipped: windump's built-in plugin "
+                 f"{entry_point.name} ({_origin(builtin)}) has that name and keeps it")
+            continue
+        plugins.load_entry_point(entry_point)
     if not core_only:
         for name in sorted((only or set()) - {entry_point.name for entry_point in found}):
             warn(f"{ONLY_VARIABLE} names plugin {name}, but no installed plugin has that name")
     plugins.check_pending()
     return plugins
+
+
+def _refuse_non_dump(spec: str, mode: int) -> None:
+    for test, what in _NOT_DUMPS:
+        if test(mode):
+            raise SourceError(f"{spec} is {what}, not a file: expected a QEMU ELF dump file or SCHEME:...")
 
 
 class Plugins:
@@ -149,8 +184,7 @@ class Plugins:
         try:
             self._register(entry_point.load(), entry_point.name)
         except Exception as exc:  # a broken plugin must not stop windump: say so and go on
-            where = f"{origin[0]} {origin[1]}" if dist is not None else "unknown distribution"
-            self._warn(f"plugin {entry_point.name} ({where}) failed to load: {reason(exc)}")
+            self._warn(f"plugin {entry_point.name} ({_origin(entry_point)}) failed to load: {reason(exc)}")
             return
         self._origins[entry_point.name] = origin
 
@@ -262,9 +296,15 @@ class Plugins:
             raise SourceError(f"{spec} is a directory, expected a QEMU ELF dump file or SCHEME:...")
         if stat.S_ISREG(status.st_mode) and status.st_size == 0:
             raise SourceError(f"{spec} is empty")
+        _refuse_non_dump(spec, status.st_mode)
         try:
-            with open(spec, "rb") as file:
-                head = file.read(HEAD_SIZE)
+            # O_NONBLOCK: a FIFO swapped in after the stat must not block the open; fstat refuses it.
+            descriptor = os.open(spec, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            try:
+                _refuse_non_dump(spec, os.fstat(descriptor).st_mode)
+                head = os.pread(descriptor, HEAD_SIZE, 0)
+            finally:
+                os.close(descriptor)
         except OSError as exc:
             raise SourceError(f"{spec}: {exc.strerror}") from exc
         if not head:
