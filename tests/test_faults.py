@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import dumpfiles
 import pytest
 
 from corpus import BUILT_IN_PLUGINS
@@ -77,20 +78,16 @@ def test_a_fifo_nobody_writes_as_source_is_refused_without_waiting(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["guest.elf"]
 
 
-def temp_files(directory: Path) -> list[Path]:
-    return [path for path in directory.iterdir() if path.name.endswith(".tmp")]
-
-
 def test_ctrl_c_while_the_body_is_written(tmp_path):
-    """Stopped (SIGSTOP) once its temporary file holds part of the body, interrupted, resumed."""
+    """Stopped (SIGSTOP) once its dump file holds part of the body, interrupted, resumed."""
     process = windump("save", LARGE_SAMPLE, "guest.dmp", cwd=tmp_path)
     deadline = time.monotonic() + 60
-    while not any(path.stat().st_size > 64 << 20 for path in temp_files(tmp_path)):
+    while not any(size > 64 << 20 for size in dumpfiles.writing(process.pid, tmp_path)):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the body never grew past 64 MiB"
         time.sleep(0.005)
     os.kill(process.pid, signal.SIGSTOP)
-    size = max(path.stat().st_size for path in temp_files(tmp_path))
+    size = max(dumpfiles.writing(process.pid, tmp_path))
     os.kill(process.pid, signal.SIGINT)
     os.kill(process.pid, signal.SIGCONT)
     status, stdout, stderr = finished(process)

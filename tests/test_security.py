@@ -64,8 +64,18 @@ class OnePage(MemorySource):
         buffer[:] = b"\xAB" * len(buffer)
 
 
+@pytest.fixture(params=["unnamed, --force", "no O_TMPFILE"])
+def temp_named(request, monkeypatch) -> bool:
+    """The two ways a dump takes a temporary name: an unnamed file linked to one before it is
+    renamed over OUTPUT (--force), or a temporary file where O_TMPFILE is refused; the ``force`` to use."""
+    if request.param == "no O_TMPFILE":
+        monkeypatch.setattr(writer, "_TMPFILE", 0)
+        return False
+    return True
+
+
 @pytest.mark.parametrize("planted", ["symlink", "file"])
-def test_planted_temporary_name_is_neither_followed_nor_reused(tmp_path, monkeypatch, planted):
+def test_planted_temporary_name_is_neither_followed_nor_reused(tmp_path, monkeypatch, planted, temp_named):
     """An attacker who guesses the next temporary name and plants a symlink (or file) there."""
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
@@ -78,20 +88,22 @@ def test_planted_temporary_name_is_neither_followed_nor_reused(tmp_path, monkeyp
         trap.write_bytes(b"planted")
     header = new_header(X64)
     set_header_runs(header, np.array([[0, 1]], dtype=np.uint64))
-    writer.write_dump(tmp_path / "guest.dmp", header.tobytes(), np.array([[0, 1]], dtype=np.uint64), OnePage())
+    writer.write_dump(tmp_path / "guest.dmp", header.tobytes(), np.array([[0, 1]], dtype=np.uint64), OnePage(),
+                      force=temp_named)
     assert victim.read_bytes() == b"precious"
     assert trap.is_symlink() if planted == "symlink" else trap.read_bytes() == b"planted"
     assert (tmp_path / "guest.dmp").read_bytes()[0x2000:] == b"\xAB" * 0x1000
     assert not (tmp_path / ".guest.dmp.windump-fresh.tmp").exists()
 
 
-def test_no_free_temporary_name_is_an_error_not_an_overwrite(tmp_path, monkeypatch):
+def test_no_free_temporary_name_is_an_error_not_an_overwrite(tmp_path, monkeypatch, temp_named):
     monkeypatch.setattr(writer.secrets, "token_hex", lambda n: "guessed")
     (tmp_path / ".guest.dmp.windump-guessed.tmp").symlink_to(tmp_path / "victim")
     header = new_header(X64)
     set_header_runs(header, np.array([[0, 1]], dtype=np.uint64))
     with pytest.raises(WindumpError, match="no free temporary name beside it"):
-        writer.write_dump(tmp_path / "guest.dmp", header.tobytes(), np.array([[0, 1]], dtype=np.uint64), OnePage())
+        writer.write_dump(tmp_path / "guest.dmp", header.tobytes(), np.array([[0, 1]], dtype=np.uint64), OnePage(),
+                          force=temp_named)
     assert not (tmp_path / "victim").exists() and not (tmp_path / "guest.dmp").exists()
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import dumpfiles
 import pytest
 from pausing import Save, install_plugin
 
@@ -36,17 +37,13 @@ def out(tmp_path) -> Path:
     return directory
 
 
-def temporary_files(directory: Path) -> list[str]:
-    return [path.name for path in directory.iterdir() if path.name.endswith(".tmp")]
-
-
 @pytest.mark.parametrize("phase", ["open", "header", "body"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda signum: signum.name)
 def test_each_signal_at_each_phase_ends_clean(site, out, signum, phase):
     save = Save(site, out, f"pausing:{phase}", "guest.dmp")
     save.wait_for(phase)
     if phase == "body":
-        assert temporary_files(out), "the body phase begins once the temporary dump exists"
+        assert dumpfiles.writing(save.process.pid, out), "the body phase begins once the dump file exists"
     save.signal(signum)
     status, stdout, stderr = save.finish()
     assert (status, stdout, stderr) == (128 + signum, "", interrupted(signum))

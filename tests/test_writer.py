@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gate import unavailable
 
-from windump_plugins import pagecopy
+from windump_plugins import pagecopy, writer
 from windump_plugins.errors import SourceError, WindumpError
 from windump_plugins.formats.dumpheader import (
     DUMP_TYPE_FULL,
@@ -266,10 +266,18 @@ def test_source_error_midway_leaves_output_as_it_was(tmp_path, small_chunks):
     assert os.listdir(tmp_path) == ["out.dmp"]
 
 
-def test_ctrl_c_removes_the_temporary_file_and_propagates(tmp_path, small_chunks):
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["unnamed", "no O_TMPFILE"])
+def test_ctrl_c_removes_the_temporary_file_and_propagates(tmp_path, small_chunks, monkeypatch, tmpfile):
+    if not tmpfile:
+        monkeypatch.setattr(writer, "_TMPFILE", 0)
+
     def interrupt(done, total):
         if done > total // 2:
-            assert any(name.startswith(".out.dmp.windump-") for name in os.listdir(tmp_path))
+            names = os.listdir(tmp_path)
+            if tmpfile:
+                assert names == []
+            else:
+                assert any(name.startswith(".out.dmp.windump-") for name in names)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -308,6 +316,7 @@ def test_without_hard_links_renameat2_keeps_the_no_clobber_promise(tmp_path, mon
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
     monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(writer, "_TMPFILE", 0)  # an unnamed file takes its name by a link
     output = tmp_path / "out.dmp"
 
     def meanwhile(done, total):

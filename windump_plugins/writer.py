@@ -1,4 +1,4 @@
-"""The dump writer: one crash-dump file from a private temporary file to its final name, its pages
+"""The dump writer: one crash-dump file from an unnamed file to its final name, its pages
 pulled from a source by address or pushed as (page, bytes) in any order, each written where its
 output format's layout puts it.
 
@@ -7,8 +7,10 @@ before the slow part: open (header written), the body (:meth:`~DumpWriter.pull` 
 :meth:`~DumpWriter.push`), then :meth:`~DumpWriter.commit`, which applies the *overlays* (bytes
 that replace guest bytes at physical addresses in the output only: each processor's CONTEXT, never
 written into guest memory) after the last page, so a late page never undoes them, then syncs the
-file and renames it into place. The file is mode 0600 and appears only complete: leaving the writer
-without a commit, on any error or Ctrl-C, removes it. :func:`check_output` refuses an OUTPUT the
+file and links it into place. The file is mode 0600 and appears only complete. It is created
+unnamed (``O_TMPFILE``), so nothing of it is left however windump ends, SIGKILL included; where the
+file system refuses that, it is a hidden temporary file beside OUTPUT, which leaving the writer
+without a commit, on any error or Ctrl-C, removes. :func:`check_output` refuses an OUTPUT the
 writer would refuse, for front ends to call before they open a source.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import logging
 import os
 import secrets
 import stat
@@ -40,6 +43,14 @@ __all__ = ["DumpWriter", "Overlay", "ProgressCallback", "Writeback", "check_outp
 
 #: ``(physical address, bytes)``: what the output holds there instead of the guest's bytes.
 Overlay = tuple[int, bytes]
+
+log = logging.getLogger(__name__)
+
+#: ``O_TMPFILE``, or 0 where the platform has none (then every dump takes a temporary name).
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
+#: Errors with which ``open(O_TMPFILE)`` says the file system (or kernel) cannot make unnamed files.
+_TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
 
 #: Errors with which ``link`` says the file system has no hard links.
 _LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
@@ -163,7 +174,9 @@ class DumpWriter:
             raise WindumpError(f"cannot write {self.target}: {exc.strerror}") from exc
         try:
             _check_space(self.dir_fd, self.target, self.pages.size)
-            self.temp_name, self.fd = _create_private(self.dir_fd, self.name, self.target)
+            self.fd = _create_unnamed(self.dir_fd, self.target)
+            if self.fd < 0:
+                self.temp_name, self.fd = _create_private(self.dir_fd, self.name, self.target)
             with self._file_errors():
                 self.progress.report(force=True)
                 _pwrite_fully(self.fd, memoryview(layout.header), 0)
@@ -235,10 +248,10 @@ class DumpWriter:
                 if size != self.pages.size:
                     raise WindumpError(f"cannot write {self.target}: file is {size} bytes, expected {self.pages.size}")
                 os.fsync(self.fd)
-                os.close(self.fd)
-                self.fd = -1
-                assert self.temp_name is not None  # set with fd
-                _install(self.dir_fd, self.temp_name, self.name, self.target, self.force)
+                if self.temp_name is None:
+                    self._link_unnamed()
+                else:
+                    _install(self.dir_fd, self.temp_name, self.name, self.target, self.force)
                 os.fsync(self.dir_fd)
             self.committed = True
         finally:
@@ -246,7 +259,8 @@ class DumpWriter:
         return self.pages.size
 
     def close(self) -> None:
-        """Release the file; without a commit, remove it (the target is left as it was)."""
+        """Release the file; without a commit, remove its temporary name if it has one (an unnamed
+        file goes with its descriptor; the target is left as it was)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -255,6 +269,28 @@ class DumpWriter:
                 _remove(self.dir_fd, self.temp_name)
             os.close(self.dir_fd)
             self.dir_fd = -1
+
+    def _link_unnamed(self) -> None:
+        """Give the complete unnamed file its final name: without ``force`` a link that fails if
+        OUTPUT appeared meanwhile; with it, a link to a temporary name renamed over OUTPUT."""
+        unnamed = f"/proc/self/fd/{self.fd}"
+        if not self.force:
+            try:
+                os.link(unnamed, self.name, dst_dir_fd=self.dir_fd, follow_symlinks=True)
+            except FileExistsError:
+                raise WindumpError(f"{self.target} exists (use --force to overwrite)") from None
+            return
+        name_max = _name_max(self.dir_fd)
+        for _ in range(16):
+            temp_name = _temp_name(self.name, name_max)
+            try:
+                os.link(unnamed, temp_name, dst_dir_fd=self.dir_fd, follow_symlinks=True)
+            except FileExistsError:
+                continue
+            self.temp_name = temp_name  # close() removes it unless the rename below happens
+            _install(self.dir_fd, temp_name, self.name, self.target, force=True)
+            return
+        raise WindumpError(f"cannot write {self.target}: no free temporary name beside it")
 
     def _check_arrived(self) -> None:
         arrived = self._arrived if self._arrived is not None else np.zeros(self.pages.page_count, dtype=bool)
@@ -327,6 +363,28 @@ def _temp_name(name: str, name_max: int) -> str:
     if len(os.fsencode(temp_name)) <= name_max:
         return temp_name
     return f".windump-{secrets.token_hex(8)}.tmp"
+
+
+def _create_unnamed(dir_fd: int, target: str) -> int:
+    """Create an unnamed file (``O_TMPFILE``) in the directory ``dir_fd``, mode 0600; -1 where the
+    file system refuses it, or where ``/proc`` is missing, through which it is given its name."""
+    if not _TMPFILE:
+        return -1
+    try:
+        fd = os.open(".", _TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _TMPFILE_REFUSED:
+            log.info("%s: the file system makes no unnamed files (%s); writing a temporary file beside it",
+                     target, exc.strerror)
+            return -1
+        raise WindumpError(f"cannot write {target}: {exc.strerror}") from exc
+    if not os.path.exists(f"/proc/self/fd/{fd}"):
+        os.close(fd)
+        log.info("%s: no /proc to link an unnamed file through; writing a temporary file beside it", target)
+        return -1
+    os.fchmod(fd, 0o600)  # the umask cannot widen 0600, but it can narrow it
+    log.info("%s: writing an unnamed file (O_TMPFILE), linked at the end", target)
+    return fd
 
 
 def _create_private(dir_fd: int, name: str, target: str) -> tuple[str, int]:

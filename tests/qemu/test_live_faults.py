@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import dumpfiles
 import pytest
 from corpus import BUILT_IN_PLUGINS
 from qemu_guest import VARIANTS
@@ -33,9 +34,9 @@ def start_save(source: str, cwd: Path) -> subprocess.Popen:
 
 
 def stop_midway(process: subprocess.Popen, directory: Path, size: int) -> None:
-    """SIGSTOP ``process`` once its temporary dump file has grown past ``size`` bytes."""
+    """SIGSTOP ``process`` once its dump file has grown past ``size`` bytes."""
     deadline = time.monotonic() + 60
-    while not any(p.name.endswith(".tmp") and p.stat().st_size > size for p in directory.iterdir()):
+    while not any(written > size for written in dumpfiles.writing(process.pid, directory)):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the dump never grew"
         time.sleep(0.002)
