@@ -269,10 +269,17 @@ def qmp_dump(tmp_path, paging: bool) -> str:
                              "-display", "none", "-qmp", f"unix:{socket_path},server=on,wait=off"])
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(socket_path) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX) as sock, sock.makefile("rw") as stream:
-            sock.connect(socket_path)
+        while True:  # the socket file appears at bind(), before QEMU listens
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(socket_path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        with sock, sock.makefile("rw") as stream:
 
             def execute(command, **arguments):
                 stream.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
