@@ -1,11 +1,15 @@
 """The dump files a running windump holds open for writing in a directory, found through /proc
-whether they have a name (a temporary file) or none (``O_TMPFILE``)."""
+whether they have a name (a temporary file) or none (``O_TMPFILE``), and a windump stopped once its
+dump has grown: the phase a mid-body fault test acts in."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -29,3 +33,15 @@ def writing(pid: int, directory: str | os.PathLike) -> list[int]:
                 and os.path.dirname(target.removesuffix(" (deleted)")) == where):
             sizes.append(found.st_size)
     return sizes
+
+
+def stop_midway(process: subprocess.Popen, directory: str | os.PathLike, size: int) -> int:
+    """SIGSTOP ``process`` once its dump file in ``directory`` has grown past ``size`` bytes; return
+    the dump's size then."""
+    deadline = time.monotonic() + 60
+    while not any(written > size for written in writing(process.pid, directory)):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"the dump never grew past {size} bytes"
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGSTOP)
+    return max(writing(process.pid, directory))

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dumpfiles
@@ -81,13 +80,7 @@ def test_a_fifo_nobody_writes_as_source_is_refused_without_waiting(tmp_path):
 def test_ctrl_c_while_the_body_is_written(tmp_path):
     """Stopped (SIGSTOP) once its dump file holds part of the body, interrupted, resumed."""
     process = windump("save", LARGE_SAMPLE, "guest.dmp", cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while not any(size > 64 << 20 for size in dumpfiles.writing(process.pid, tmp_path)):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the body never grew past 64 MiB"
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGSTOP)
-    size = max(dumpfiles.writing(process.pid, tmp_path))
+    size = dumpfiles.stop_midway(process, tmp_path, 64 << 20)
     os.kill(process.pid, signal.SIGINT)
     os.kill(process.pid, signal.SIGCONT)
     status, stdout, stderr = finished(process)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import dumpfiles
 import pytest
@@ -103,13 +102,7 @@ def test_sigkill_mid_body_leaves_nothing(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "windump_plugins", "save", f"sample:?ram={SAMPLE_RAM}",
                                 "guest.dmp"], cwd=tmp_path, env=environ, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not any(size > 64 << 20 for size in dumpfiles.writing(process.pid, tmp_path)):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the body never grew past 64 MiB"
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGSTOP)
-    size = max(dumpfiles.writing(process.pid, tmp_path))
+    size = dumpfiles.stop_midway(process, tmp_path, 64 << 20)
     process.kill()
     process.communicate(timeout=30)
     assert process.returncode == -signal.SIGKILL

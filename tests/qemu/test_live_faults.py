@@ -8,10 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import dumpfiles
+from dumpfiles import stop_midway
 import pytest
 from corpus import BUILT_IN_PLUGINS
 from qemu_guest import VARIANTS
@@ -31,16 +30,6 @@ def start_save(source: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "windump_plugins", "save", "-q", source, "guest.dmp"], cwd=cwd,
                             env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def stop_midway(process: subprocess.Popen, directory: Path, size: int) -> None:
-    """SIGSTOP ``process`` once its dump file has grown past ``size`` bytes."""
-    deadline = time.monotonic() + 60
-    while not any(written > size for written in dumpfiles.writing(process.pid, directory)):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the dump never grew"
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGSTOP)
 
 
 def phy_mem_mode(port: int) -> int:

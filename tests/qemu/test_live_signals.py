@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from test_gdb_command import AFTERWARDS, HALTED, check_left_clean, error_lines, gdb
-from test_live_faults import RUNNING, phy_mem_mode, start_save, stop_midway
+from dumpfiles import stop_midway
+from test_live_faults import RUNNING, phy_mem_mode, start_save
 
 
 pytestmark = pytest.mark.qemu
